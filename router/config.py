@@ -1,0 +1,65 @@
+"""Settings: the one frozen, validated configuration object (CLI flags > env ROUTER_* > defaults)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Everything the server needs, validated once at start-up and then passed whole.
+
+    Each field can be set by a CLI flag (`python -m router serve --help`) or an
+    environment variable `ROUTER_<FIELD>` (e.g. `ROUTER_PORT=50052`).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ROUTER_", frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(
+        50051, ge=0, le=65535, description="Port to listen on; 0 picks a free port."
+    )
+    model_dir: Path = Field(
+        REPO_ROOT / "models",
+        description="Model version directory (manifest.json, encoder.onnx, head.onnx), or a "
+        "models root whose DEFAULT file names the version.",
+    )
+    profiles_path: Path = Field(
+        REPO_ROOT / "config" / "profiles.toml",
+        description="TOML file with the deployment profiles.",
+    )
+    default_profile: str = Field(
+        "default", description="Profile used when a request names none."
+    )
+    max_batch_size: int = Field(
+        32, ge=1, le=1024, description="Most requests the engine runs in one forward pass."
+    )
+    max_batch_tokens: int = Field(
+        8192,
+        ge=256,
+        description="Most padded tokens (batch x longest prompt) in one forward pass.",
+    )
+    max_queue: int = Field(
+        1024,
+        ge=1,
+        description="Requests waiting for the engine; beyond this, Route answers "
+        "RESOURCE_EXHAUSTED at once.",
+    )
+    max_batch_request: int = Field(
+        256, ge=1, description="Most requests one RouteBatch call may carry."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Execution provider: auto uses CUDA when available, else CPU."
+    )
+    grace_seconds: float = Field(
+        10.0, ge=0, description="On SIGTERM/SIGINT, time given to in-flight calls to finish."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")

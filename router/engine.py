@@ -1,0 +1,117 @@
+"""RoutingEngine.route_batch: queries -> decisions, synchronously (tokenize, encode, head, decide)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from router.artifacts import ArtifactError, LoadedModel
+from router.profiles import Profile
+from router.scoring import calculate_strong_win_rate, cheapest_clearing_floor, tier_quality
+from router.tokenizer import Keep
+
+
+@dataclass(frozen=True, slots=True)
+class RouteQuery:
+    """One request as the engine sees it: text to embed, and the profile that decides."""
+
+    text: str
+    profile: Profile
+    keep: Keep = "head"  # which end survives truncation (see router.tokenizer)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    tier_index: int
+    confidence: float
+    quality: tuple[float, ...]  # per tier of the profile, cheap to expensive
+    win_probability: tuple[float, ...]  # per tier: P(beats the cheapest tier)
+    reason: str
+    model_version: str
+    n_tokens: int
+
+
+class RoutingEngine:
+    """Runs one loaded model version over batches of queries. Not thread-safe by design:
+    the batcher is its only caller and runs one batch at a time."""
+
+    def __init__(self, model: LoadedModel, *, max_batch_tokens: int = 8192) -> None:
+        self.model = model
+        self.max_batch_tokens = max_batch_tokens
+        self._column = {name: i for i, name in enumerate(model.models)}
+        self._enc_in = model.manifest.encoder.input_names
+        self._enc_out = model.manifest.encoder.output_name
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def columns(self, profile: Profile) -> npt.NDArray[np.int64]:
+        try:
+            return np.array([self._column[m] for m in profile.models], np.int64)
+        except KeyError as e:
+            raise ArtifactError(
+                f"profile {profile.name!r} names model {e.args[0]!r}, unknown to model {self.version}"
+            ) from None
+
+    def embed(self, texts: Sequence[str], keep: Sequence[Keep] | None = None) -> tuple[
+        npt.NDArray[np.float32], npt.NDArray[np.int64]
+    ]:
+        """Embeddings (B, dim) and token counts (B,), in sub-batches of similar length so
+        padding stays small and no forward pass exceeds max_batch_tokens."""
+        enc = self.model.tokenizer.encode(texts, keep)
+        order = np.argsort(enc.lengths, kind="stable")
+        out = np.empty((len(texts), self.model.manifest.encoder.dim), np.float32)
+        start = 0
+        while start < len(order):
+            # Grow the chunk while (rows x longest row) fits the token budget.
+            stop = start + 1
+            while stop < len(order) and (stop - start + 1) * enc.lengths[order[stop]] <= self.max_batch_tokens:
+                stop += 1
+            rows = order[start:stop]
+            width = int(enc.lengths[rows].max())
+            feeds = {
+                self._enc_in[0]: enc.input_ids[rows, :width],
+                self._enc_in[1]: enc.attention_mask[rows, :width],
+            }
+            out[rows] = self.model.encoder.run([self._enc_out], feeds)[0]
+            start = stop
+        return out, enc.lengths
+
+    def score(self, embedding: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Head forward: per-model ability logits (B, M) and the prompt's difficulty (B,)."""
+        ability, difficulty = self.model.head.run(["ability", "difficulty"], {"embedding": embedding})
+        return ability, difficulty
+
+    def route_batch(self, queries: Sequence[RouteQuery]) -> list[RouteResult]:
+        if not queries:
+            return []
+        embedding, n_tokens = self.embed([q.text for q in queries], [q.keep for q in queries])
+        ability, difficulty = self.score(embedding)
+        results: list[RouteResult | None] = [None] * len(queries)
+        # One vectorized decision per profile present in the batch.
+        by_profile: dict[int, list[int]] = {}
+        for i, q in enumerate(queries):
+            by_profile.setdefault(id(q.profile), []).append(i)
+        for rows in by_profile.values():
+            profile = queries[rows[0]].profile
+            cols = self.columns(profile)
+            sub_ability = ability[rows][:, cols]  # (b, T)
+            quality = tier_quality(sub_ability, difficulty[rows])
+            win = calculate_strong_win_rate(sub_ability)
+            decided = cheapest_clearing_floor(quality, profile.threshold)
+            for j, row in enumerate(rows):
+                results[row] = RouteResult(
+                    tier_index=int(decided.tier_index[j]),
+                    confidence=float(decided.confidence[j]),
+                    quality=tuple(quality[j].tolist()),
+                    win_probability=tuple(win[j].tolist()),
+                    reason=decided.reason[j],
+                    model_version=self.version,
+                    n_tokens=int(n_tokens[row]),
+                )
+        assert all(r is not None for r in results), "every query belongs to one profile group. This is a bug."
+        return results  # type: ignore[return-value]

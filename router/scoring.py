@@ -1,0 +1,60 @@
+"""Decision math shared by serving and training: head logits -> tier probabilities -> decision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+
+# Reason codes carried in RouteResponse.reason.
+REASON_CLASSIFIER = "classifier"  # the cheapest tier whose quality clears the floor
+REASON_FALLBACK = "fallback"  # no tier clears the floor: fail safe to the most capable tier
+
+
+def sigmoid(x: npt.NDArray[np.floating]) -> FloatArray:
+    # Clip so exp() never overflows for extreme logits.
+    return (1.0 / (1.0 + np.exp(-np.clip(x, -40.0, 40.0)))).astype(np.float32)
+
+
+def tier_quality(ability: FloatArray, difficulty: FloatArray) -> FloatArray:
+    """P(acceptable answer) per model: sigmoid(ability - difficulty).
+
+    ability: (B, M) per-prompt model logits; difficulty: (B,) the prompt's bar.
+    """
+    return sigmoid(ability - difficulty[:, None])
+
+
+def calculate_strong_win_rate(ability: FloatArray) -> FloatArray:
+    """Bradley-Terry P(tier t's answer beats the cheapest tier's): sigmoid(s_t - s_0).
+
+    ability: (B, T) logits of the profile's tiers, cheap to expensive. Column 0 is 0.5.
+    """
+    return sigmoid(ability - ability[:, :1])
+
+
+@dataclass(frozen=True, slots=True)
+class Decisions:
+    """Per-request decisions for one batch of one profile."""
+
+    tier_index: npt.NDArray[np.int64]  # (B,) index into the profile's tiers
+    confidence: FloatArray  # (B,) quality of the chosen tier
+    reason: list[str]  # (B,) reason codes
+
+
+def cheapest_clearing_floor(quality: FloatArray, threshold: float) -> Decisions:
+    """Pick the cheapest tier whose quality >= threshold; if none does, the last (most capable).
+
+    quality: (B, T), tiers ordered cheap to expensive.
+    """
+    if quality.ndim != 2 or quality.shape[1] == 0:
+        raise ValueError(f"quality must be (batch, tiers) with tiers >= 1, got {quality.shape}")
+    clears = quality >= threshold  # (B, T)
+    any_clears = clears.any(axis=1)
+    last = quality.shape[1] - 1
+    idx = np.where(any_clears, clears.argmax(axis=1), last).astype(np.int64)
+    confidence = quality[np.arange(len(idx)), idx]
+    reason = [REASON_CLASSIFIER if ok else REASON_FALLBACK for ok in any_clears.tolist()]
+    return Decisions(tier_index=idx, confidence=confidence, reason=reason)

@@ -1,0 +1,270 @@
+"""gRPC servicer: proto <-> domain conversion, request checks, and the one error-to-status table."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from router.batcher import MicroBatcher, Overloaded, ShuttingDown
+from router.engine import RouteQuery, RouteResult
+from router.profiles import ProfileSet, UnknownProfile
+from router.v1 import router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 256  # workflow, tenant, request_id, profile
+MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+class InvalidRequest(ValueError):
+    """A request the caller must fix; the message starts with the offending field."""
+
+
+# The one table from domain errors to gRPC status codes.
+STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownProfile: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(exc: Exception) -> grpc.StatusCode | None:
+    for kind, code in STATUS_FOR.items():
+        if isinstance(exc, kind):
+            return code
+    return None
+
+
+def _error_text(exc: Exception) -> str:
+    if isinstance(exc, UnknownProfile):
+        return f"profile: unknown profile {exc.args[0]!r}"
+    return str(exc)
+
+
+# -- proto -> domain ---------------------------------------------------------------
+
+
+def _check_id(value: str, field: str) -> None:
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidRequest(f"{field}: at most {MAX_ID_CHARS} characters, got {len(value)}")
+
+
+def request_text(request: router_pb2.RouteRequest, field: str = "") -> tuple[str, str]:
+    """The text to route and which end survives truncation (see router.tokenizer)."""
+    if request.prompt and request.messages:
+        raise InvalidRequest(f"{field}prompt, {field}messages: set exactly one of them, not both")
+    if request.prompt:
+        if not request.prompt.strip():
+            raise InvalidRequest(f"{field}prompt: must contain non-whitespace text")
+        return request.prompt, "head"
+    if not request.messages:
+        raise InvalidRequest(f"{field}prompt: required (or {field}messages), neither was set")
+    for i, m in enumerate(request.messages):
+        if m.role not in MESSAGE_ROLES:
+            raise InvalidRequest(
+                f"{field}messages[{i}].role: {m.role!r} is not one of {sorted(MESSAGE_ROLES)}"
+            )
+    text = "\n".join(m.content for m in request.messages if m.content)
+    if not text.strip():
+        raise InvalidRequest(f"{field}messages: every message content is empty")
+    return text, "tail"
+
+
+def to_query(request: router_pb2.RouteRequest, profiles: ProfileSet, field: str = "") -> RouteQuery:
+    for name in ("profile", "workflow", "tenant", "request_id"):
+        _check_id(getattr(request, name), field + name)
+    text, keep = request_text(request, field)
+    try:
+        profile = profiles.get(request.profile)
+    except UnknownProfile:
+        raise InvalidRequest(
+            f"{field}profile: unknown profile {request.profile!r}; known: {sorted(profiles.profiles)}"
+        ) from None
+    return RouteQuery(text=text, profile=profile, keep=keep)  # type: ignore[arg-type]
+
+
+# -- domain -> proto ---------------------------------------------------------------
+
+
+def to_response(
+    result: RouteResult, query: RouteQuery, request: router_pb2.RouteRequest
+) -> router_pb2.RouteResponse:
+    tiers = query.profile.tiers
+    chosen = tiers[result.tier_index]
+    return router_pb2.RouteResponse(
+        tier=chosen.name,
+        model=chosen.model,
+        confidence=result.confidence,
+        scores=[
+            router_pb2.TierScore(tier=t.name, model=t.model, quality=q, win_probability=w)
+            for t, q, w in zip(tiers, result.quality, result.win_probability, strict=True)
+        ],
+        reason=result.reason,
+        model_version=result.model_version,
+        decision_id=uuid.uuid4().hex,
+        profile=query.profile.name,
+        request_id=request.request_id,
+    )
+
+
+# -- the servicer -------------------------------------------------------------------
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    """Glue only: check and convert, await the batcher, convert back."""
+
+    def __init__(self, batcher: MicroBatcher[RouteQuery, RouteResult], profiles: ProfileSet,
+                 *, max_batch_request: int) -> None:
+        self._batcher = batcher
+        self._profiles = profiles
+        self._max_batch_request = max_batch_request
+
+    async def Route(
+        self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouteResponse:
+        query = to_query(request, self._profiles)
+        result = await self._batcher.submit(query)
+        return to_response(result, query, request)
+
+    async def RouteBatch(
+        self, request: router_pb2.RouteBatchRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouteBatchResponse:
+        n = len(request.requests)
+        if not 1 <= n <= self._max_batch_request:
+            raise InvalidRequest(f"requests: between 1 and {self._max_batch_request} entries, got {n}")
+        queries = [to_query(r, self._profiles, f"requests[{i}].") for i, r in enumerate(request.requests)]
+        results = await self._batcher.submit_many(queries)
+        return router_pb2.RouteBatchResponse(
+            responses=[to_response(res, q, r) for res, q, r in zip(results, queries, request.requests, strict=True)]
+        )
+
+
+# -- undecodable requests ------------------------------------------------------------
+
+
+class _Undecodable:
+    """Stands in for a request protobuf could not parse, so the RPC can name the field."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+@functools.cache
+def _bytes_twin(cls: type[Message]) -> type[Message] | None:
+    """The same message with every `string` field declared `bytes`, to find invalid UTF-8.
+    None when the file cannot stand alone (it imports other files): then no field is named."""
+    file_proto = descriptor_pb2.FileDescriptorProto()
+    cls.DESCRIPTOR.file.CopyToProto(file_proto)
+    if file_proto.dependency:
+        return None
+    package = file_proto.package
+    file_proto.name = "lenient/" + file_proto.name
+    file_proto.package = "lenient." + package
+    file_proto.ClearField("service")
+
+    def relax(messages: Iterable[descriptor_pb2.DescriptorProto]) -> None:
+        for msg in messages:
+            for f in msg.field:
+                if f.type == FieldDescriptor.TYPE_STRING:
+                    f.type = FieldDescriptor.TYPE_BYTES
+                if f.type_name.startswith(f".{package}."):
+                    f.type_name = ".lenient" + f.type_name
+            relax(msg.nested_type)
+
+    relax(file_proto.message_type)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file_proto)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("lenient." + cls.DESCRIPTOR.full_name)
+    )
+
+
+def _is_repeated(fd: FieldDescriptor) -> bool:
+    flag = getattr(fd, "is_repeated", None)  # protobuf >= 6 dropped `label`
+    return bool(flag) if flag is not None else fd.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _first_bad_utf8(msg: Message, prefix: str = "") -> str | None:
+    for fd, value in msg.ListFields():
+        repeated = _is_repeated(fd)
+        for i, v in enumerate(value if repeated else [value]):
+            path = prefix + fd.name + (f"[{i}]" if repeated else "")
+            if isinstance(v, Message):
+                if (bad := _first_bad_utf8(v, path + ".")) is not None:
+                    return bad
+            elif isinstance(v, bytes):
+                try:
+                    v.decode("utf-8")
+                except UnicodeDecodeError:
+                    return path
+    return None
+
+
+def _lenient_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    cls = getattr(deserialize, "__self__", None)
+
+    def lenient(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            field = None
+            try:  # find which string field is not UTF-8; never let the analysis itself fail
+                twin = _bytes_twin(cls) if isinstance(cls, type) and issubclass(cls, Message) else None
+                field = _first_bad_utf8(twin.FromString(data)) if twin is not None else None
+            except Exception:
+                log.debug("cannot analyse undecodable request", exc_info=True)
+            if field is not None:
+                return _Undecodable(f"{field}: not valid UTF-8")
+            return _Undecodable("request: not a valid protobuf message for this method")
+
+    return lenient
+
+
+# -- the last-resort interceptor -------------------------------------------------------
+
+Handler = TypeVar("Handler")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors through STATUS_FOR; anything else is logged with its traceback
+    and answered INTERNAL. Undecodable requests become INVALID_ARGUMENT naming the field."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming methods (health Watch, reflection) pass through
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:
+                code = status_for(e)
+                if code is None:
+                    log.exception("unhandled error in %s", method)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")
+                await context.abort(code, _error_text(e))
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=_lenient_deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )

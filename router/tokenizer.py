@@ -1,0 +1,68 @@
+"""Texts -> token ids + attention mask (HF `tokenizers`), with the truncation policy.
+
+Truncation policy: a text longer than `max_tokens` word pieces is cut, never
+rejected. A plain prompt keeps its first `max_tokens` pieces (as
+sentence-transformers does, so serving matches training). A chat transcript
+keeps its last `max_tokens` pieces, because the newest turn is what the next
+call answers. [CLS] and [SEP] are always kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from tokenizers import Tokenizer
+
+Keep = Literal["head", "tail"]
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    input_ids: npt.NDArray[np.int64]  # (B, T) padded with 0
+    attention_mask: npt.NDArray[np.int64]  # (B, T)
+    lengths: npt.NDArray[np.int64]  # (B,) real tokens per text, specials included
+
+
+class RouterTokenizer:
+    """Batch tokenizer for the encoder; one instance per truncation side."""
+
+    def __init__(self, path: Path, max_tokens: int) -> None:
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2 (room for [CLS] and [SEP]), got {max_tokens}")
+        self.max_tokens = max_tokens
+        self._by_side: dict[Keep, Tokenizer] = {}
+        for side, direction in (("head", "right"), ("tail", "left")):
+            tok = Tokenizer.from_file(str(path))
+            tok.no_padding()  # we pad per batch ourselves, to the batch's longest
+            tok.enable_truncation(max_length=max_tokens, direction=direction)
+            self._by_side[side] = tok  # type: ignore[index]
+
+    def encode(self, texts: Sequence[str], keep: Sequence[Keep] | None = None) -> Encoded:
+        """Tokenize a batch; `keep[i]` says which end of text i survives truncation."""
+        if keep is None:
+            keep = ["head"] * len(texts)
+        if len(keep) != len(texts):
+            raise ValueError(f"keep has {len(keep)} entries for {len(texts)} texts")
+        ids: list[list[int] | None] = [None] * len(texts)
+        for side, tok in self._by_side.items():
+            idx = [i for i, k in enumerate(keep) if k == side]
+            if idx:
+                for i, enc in zip(idx, tok.encode_batch([texts[i] for i in idx]), strict=True):
+                    ids[i] = enc.ids
+        lengths = np.fromiter((len(x) for x in ids if x is not None), np.int64, len(texts))
+        width = int(lengths.max()) if len(texts) else 0
+        input_ids = np.zeros((len(texts), width), np.int64)
+        for row, seq in enumerate(ids):
+            assert seq is not None, "every text was tokenized by one side. This is a bug."
+            input_ids[row, : len(seq)] = seq
+        attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        return Encoded(input_ids, attention_mask, lengths)
+
+    def count(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
+        """Token counts after truncation (for length buckets and logs)."""
+        return self.encode(texts).lengths

@@ -1,0 +1,224 @@
+"""The real server on 127.0.0.1:0 with the real shipped model: Route, RouteBatch, health, reflection, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from router.config import Settings
+from router.server import build_server
+from router.v1 import router_pb2, router_pb2_grpc
+from tests.conftest import MODELS, PROFILES
+
+PROMPTS = [
+    "What is the capital of Australia?",
+    "Prove that there are infinitely many primes, then generalize the argument to primes of the form 4k+3.",
+    "Write a haiku about autumn.",
+    "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:",
+]
+
+
+def settings(**kw) -> Settings:
+    base = dict(host="127.0.0.1", port=0, model_dir=MODELS, profiles_path=PROFILES,
+                device="cpu", intra_op_threads=1, grace_seconds=5.0)
+    return Settings(**(base | kw))
+
+
+@pytest.fixture
+async def server():
+    srv = build_server(settings())
+    await srv.start()
+    yield srv
+    await srv.stop(grace=1)
+
+
+@pytest.fixture
+async def stub(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield router_pb2_grpc.RouterStub(channel)
+
+
+async def test_route_answers_with_tier_scores_and_confidence(stub, server):
+    resp = await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0], request_id="r-1"))
+    assert resp.tier in ("budget", "mid", "frontier")
+    assert [s.tier for s in resp.scores] == ["budget", "mid", "frontier"]
+    assert resp.model == {s.tier: s.model for s in resp.scores}[resp.tier]
+    assert resp.scores[0].win_probability == pytest.approx(0.5)
+    for s in resp.scores:
+        assert 0.0 < s.quality < 1.0 and 0.0 < s.win_probability < 1.0
+    chosen = next(s for s in resp.scores if s.tier == resp.tier)
+    assert resp.confidence == pytest.approx(chosen.quality)
+    assert resp.reason in ("classifier", "fallback")
+    assert resp.model_version == server.engine.version
+    assert resp.profile == "default" and resp.request_id == "r-1"
+    assert len(resp.decision_id) == 32
+
+
+async def test_route_follows_the_floor(stub):
+    resp = await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[1], profile="routellm-pair"))
+    weak, strong = resp.scores
+    threshold = 0.7  # config/profiles.toml
+    expected = "weak" if weak.quality >= threshold else "strong"
+    assert resp.tier == expected
+
+
+async def test_messages_are_routed(stub):
+    req = router_pb2.RouteRequest(messages=[
+        router_pb2.Message(role="system", content="You are terse."),
+        router_pb2.Message(role="user", content=PROMPTS[1]),
+    ])
+    resp = await stub.Route(req)
+    assert resp.tier and len(resp.scores) == 3
+
+
+async def test_route_batch_keeps_order_and_matches_single_calls(stub):
+    reqs = [router_pb2.RouteRequest(prompt=p, request_id=str(i)) for i, p in enumerate(PROMPTS)]
+    batch = await stub.RouteBatch(router_pb2.RouteBatchRequest(requests=reqs))
+    assert [r.request_id for r in batch.responses] == ["0", "1", "2", "3"]
+    for req, got in zip(reqs, batch.responses, strict=True):
+        single = await stub.Route(req)
+        for a, b in zip(got.scores, single.scores, strict=True):
+            # Dynamic int8 quantization scales activations per tensor, so a prompt's scores
+            # move slightly with its batch mates (measured up to ~0.005); bound that drift.
+            assert a.quality == pytest.approx(b.quality, abs=0.02)
+        if all(abs(s.quality - 0.5) > 0.02 for s in single.scores):  # threshold 0.5
+            assert got.tier == single.tier
+
+
+async def test_concurrent_callers_each_get_their_own_answer(stub, server):
+    singles = [await stub.Route(router_pb2.RouteRequest(prompt=p)) for p in PROMPTS]
+    calls = [stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[i % 4], request_id=str(i)))
+             for i in range(64)]
+    results = await asyncio.gather(*calls)
+    for i, r in enumerate(results):
+        assert r.request_id == str(i)
+        assert r.scores[0].quality == pytest.approx(singles[i % 4].scores[0].quality, abs=0.02)
+    assert server.batcher.batched_items > server.batcher.batches, "no batch of more than one formed"
+
+
+async def test_health_is_serving_after_warmup(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "router.v1.Router"):
+            resp = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _reflect(port: int) -> list[str]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        pool = descriptor_pool.DescriptorPool(db)
+        services = db.get_services()
+        method = pool.FindServiceByName("router.v1.Router").FindMethodByName("Route")
+        assert method.input_type.fields_by_name["prompt"].number == 1
+        return list(services)
+
+
+async def test_reflection_lists_and_describes_the_service(server):
+    services = await asyncio.to_thread(_reflect, server.port)  # sync client: off the server's loop
+    assert "router.v1.Router" in services and "grpc.health.v1.Health" in services
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, field",
+    [
+        ({}, "prompt: required"),
+        ({"prompt": "   \n"}, "prompt: must contain non-whitespace text"),
+        ({"prompt": "x", "messages": [router_pb2.Message(role="user", content="y")]},
+         "prompt, messages: set exactly one"),
+        ({"prompt": "x", "profile": "no-such"}, "profile: unknown profile 'no-such'"),
+        ({"messages": [router_pb2.Message(role="robot", content="y")]}, "messages[0].role"),
+        ({"messages": [router_pb2.Message(role="user", content="")]}, "messages: every message content is empty"),
+        ({"prompt": "x", "tenant": "t" * 300}, "tenant: at most 256 characters"),
+    ],
+)
+async def test_bad_requests_are_invalid_argument_naming_the_field(stub, request_kwargs, field):
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Route(router_pb2.RouteRequest(**request_kwargs))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in e.value.details()
+
+
+async def test_bad_entry_in_a_batch_names_its_index(stub):
+    reqs = [router_pb2.RouteRequest(prompt="fine"), router_pb2.RouteRequest(prompt="")]
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.RouteBatch(router_pb2.RouteBatchRequest(requests=reqs))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "requests[1].prompt" in e.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.RouteBatch(router_pb2.RouteBatchRequest())
+    assert "requests: between 1 and" in e.value.details()
+
+
+async def test_invalid_utf8_is_invalid_argument_naming_the_field(server):
+    # Hand-encode a RouteRequest whose messages[0].content is not UTF-8: protobuf clients refuse to.
+    content = b"\x12" + bytes([4]) + b"\xff\xfe\xfd\xfc"  # Message.content (field 2)
+    role = b"\x0a\x04user"  # Message.role (field 1)
+    message = role + content
+    raw = b"\x12" + bytes([len(message)]) + message  # RouteRequest.messages (field 2)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.unary_unary("/router.v1.Router/Route", request_serializer=None,
+                                   response_deserializer=None)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call(raw)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages[0].content: not valid UTF-8" in e.value.details()
+
+
+async def test_overlong_prompt_is_truncated_not_rejected(stub):
+    resp = await stub.Route(router_pb2.RouteRequest(prompt="word " * 50_000))
+    assert resp.tier
+
+
+async def test_full_queue_gets_resource_exhausted_at_once():
+    srv = build_server(settings(max_queue=2, max_batch_size=1))
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            calls = [stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[1] * 8)) for _ in range(40)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert codes and set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert any(isinstance(r, router_pb2.RouteResponse) for r in results)
+    finally:
+        await srv.stop(grace=1)
+
+
+async def test_graceful_stop_finishes_in_flight_calls():
+    srv = build_server(settings())
+    await srv.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        calls = [asyncio.ensure_future(stub.Route(router_pb2.RouteRequest(prompt=p * 20)))
+                 for p in PROMPTS * 8]
+        # Stop only once every call has been admitted (a call arriving after stop() starts is
+        # refused, correctly), while most are still queued or running.
+        for _ in range(500):
+            if srv.batcher.queued + srv.batcher.batched_items >= len(calls):
+                break
+            await asyncio.sleep(0.002)
+        assert srv.batcher.queued > 0, "all calls finished before stop(); make them slower"
+        await srv.stop(grace=10)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    errors = [r for r in results if not isinstance(r, router_pb2.RouteResponse)]
+    assert not errors, errors
+
+
+async def test_broken_model_refuses_to_start(tmp_path, model_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "head.onnx").write_bytes(b"not an onnx file")
+    from router.artifacts import ArtifactError
+
+    with pytest.raises(ArtifactError, match="sha256"):
+        build_server(settings(model_dir=broken))

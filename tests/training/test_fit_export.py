@@ -1,0 +1,74 @@
+"""Training at small size: fit -> export -> a version the server loads; encoder parity. Needs the train extra."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from router.artifacts import load_model  # noqa: E402
+from router.engine import RouteQuery, RoutingEngine  # noqa: E402
+from router.profiles import Profile, Tier  # noqa: E402
+from tests.conftest import MODELS, require_data  # noqa: E402
+from training.export import export_head  # noqa: E402
+from training.fit import FitConfig, fit  # noqa: E402
+from training.model import WinRateHead  # noqa: E402
+
+
+def test_small_fit_writes_a_servable_self_describing_version(tmp_path):
+    cfg = FitConfig(data_dir=str(require_data()), models_dir=str(tmp_path), limit=60, steps=30,
+                    encoder_dir=str(MODELS / "encoder" / "all-MiniLM-L6-v2-int8"))
+    out = fit(cfg)
+    version_dir = tmp_path / (tmp_path / "DEFAULT").read_text().strip()
+    assert out["out_dir"] == str(version_dir)
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    assert manifest["head"]["models"][:2] == ["mixtral-8x7b-instruct-v0.1", "gpt-4-1106-preview"]
+    assert manifest["head"]["parity_max_abs_diff"] < 1e-4
+    assert manifest["training"]["config"]["limit"] == 60
+    assert {f["name"] for f in manifest["training"]["data"]} == {"mmlu", "alpaca_eval", "alpaca_eval_binary"}
+    assert "log_loss_prompt_length" in manifest["metrics"]["mmlu"]
+    model = load_model(version_dir, device="cpu")
+    profile = Profile(name="p", threshold=0.5, tiers=(Tier(name="weak", model="mixtral-8x7b-instruct-v0.1"),
+                                                      Tier(name="strong", model="gpt-4-1106-preview")))
+    (r,) = RoutingEngine(model).route_batch([RouteQuery("What is 2 + 2?", profile)])
+    assert r.model_version == manifest["version"] and len(r.quality) == 2
+    # same config, same data: same version name (reproducible, fixed seeds)
+    again = fit(cfg)
+    assert again["out_dir"] == out["out_dir"]
+    assert json.loads((version_dir / "manifest.json").read_text())["head"]["sha256"] == manifest["head"]["sha256"]
+
+
+def test_export_refuses_a_head_that_onnx_disagrees_with(tmp_path):
+    rng = np.random.default_rng(0)
+    head = WinRateHead()
+    head.weight_ = rng.normal(size=(8, 4)).astype(np.float32)
+    head.bias_ = rng.normal(size=4).astype(np.float32)
+    X = rng.normal(size=(16, 8)).astype(np.float32)
+    assert export_head(head, tmp_path / "ok.onnx", X) < 1e-5
+
+    class Lying(WinRateHead):
+        def logits(self, X):  # what training believes differs from what the graph computes
+            a, d = super().logits(X)
+            return a + 0.01, d
+
+    liar = Lying()
+    liar.weight_, liar.bias_ = head.weight_, head.bias_
+    with pytest.raises(RuntimeError, match="differs from the trained head"):
+        export_head(liar, tmp_path / "bad.onnx", X)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.slow
+def test_shipped_encoder_matches_sentence_transformers(model_dir):
+    from training.data import read_jsonl
+    from training.export import encoder_parity
+
+    data = require_data()
+    texts = [str(r["prompt"]) for r in read_jsonl(data / "mmlu.jsonl.gz")[:1000:25]]
+    texts += [str(r["prompt"]) for r in read_jsonl(data / "alpaca_eval.jsonl.gz")[:400:10]]
+    stats = encoder_parity(model_dir / "encoder.onnx", model_dir / "tokenizer.json", texts, 256)
+    assert stats["mean"] >= 0.99, stats

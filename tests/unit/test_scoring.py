@@ -1,0 +1,67 @@
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from router.scoring import (
+    REASON_CLASSIFIER,
+    REASON_FALLBACK,
+    calculate_strong_win_rate,
+    cheapest_clearing_floor,
+    sigmoid,
+    tier_quality,
+)
+
+
+def test_cheapest_tier_clearing_the_floor_wins():
+    quality = np.array([[0.7, 0.8, 0.9], [0.5, 0.65, 0.9], [0.2, 0.3, 0.61]], np.float32)
+    d = cheapest_clearing_floor(quality, 0.6)
+    assert d.tier_index.tolist() == [0, 1, 2]
+    assert d.reason == [REASON_CLASSIFIER] * 3
+    np.testing.assert_allclose(d.confidence, [0.7, 0.65, 0.61], rtol=1e-6)
+
+
+def test_no_tier_clears_floor_falls_back_to_most_capable():
+    d = cheapest_clearing_floor(np.array([[0.1, 0.2, 0.3]], np.float32), 0.5)
+    assert d.tier_index.tolist() == [2]
+    assert d.reason == [REASON_FALLBACK]
+    assert d.confidence[0] == np.float32(0.3)
+
+
+def test_floor_is_inclusive_and_extremes():
+    q = np.array([[0.5, 0.9]], np.float32)
+    assert cheapest_clearing_floor(q, 0.5).tier_index[0] == 0
+    assert cheapest_clearing_floor(q, 0.0).tier_index[0] == 0  # floor 0: always the cheapest
+    assert cheapest_clearing_floor(q, 1.0).reason == [REASON_FALLBACK]
+
+
+def test_win_rate_of_cheapest_is_one_half_and_follows_bradley_terry():
+    ability = np.array([[0.0, 1.0, -2.0]], np.float32)
+    win = calculate_strong_win_rate(ability)
+    np.testing.assert_allclose(win, [[0.5, sigmoid(np.array(1.0)), sigmoid(np.array(-2.0))]], rtol=1e-6)
+
+
+def test_tier_quality_is_ability_minus_difficulty():
+    q = tier_quality(np.array([[2.0, 0.0]], np.float32), np.array([2.0], np.float32))
+    np.testing.assert_allclose(q, [[0.5, sigmoid(np.array(-2.0))]], rtol=1e-6)
+
+
+def test_sigmoid_does_not_overflow():
+    out = sigmoid(np.array([-1e6, 1e6], np.float32))
+    assert np.isfinite(out).all() and out[0] < 1e-10 and out[1] > 1 - 1e-6
+
+
+@given(
+    arrays(np.float32, st.tuples(st.integers(1, 20), st.integers(1, 5)),
+           elements=st.floats(0, 1, width=32)),
+    st.floats(0, 1),
+)
+def test_decision_invariants(quality, threshold):
+    d = cheapest_clearing_floor(quality, threshold)
+    for row, t, reason in zip(quality, d.tier_index, d.reason, strict=True):
+        cheaper = row[:t]
+        assert (cheaper < threshold).all()  # never a more expensive tier than needed
+        if reason == REASON_CLASSIFIER:
+            assert row[t] >= threshold
+        else:
+            assert t == len(row) - 1 and (row < threshold).all()

@@ -1,0 +1,95 @@
+"""Routing quality with RouteLLM's definitions: APGR, CPT(50/80), calibration, beside baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+F = npt.NDArray[np.float64]
+SHARES = np.linspace(0.0, 1.0, 101)  # share of calls sent to the strong model
+
+
+def routed_quality(score: npt.ArrayLike, q_weak: npt.ArrayLike, q_strong: npt.ArrayLike,
+                   shares: F = SHARES, seed: int = 0) -> F:
+    """Mean quality when the top-`share` prompts by `score` go to strong, the rest to weak.
+
+    Ties in score are broken at random (seeded), so a constant score is the random router.
+    """
+    score, q_weak, q_strong = (np.asarray(a, np.float64) for a in (score, q_weak, q_strong))
+    n = len(score)
+    tiebreak = np.random.default_rng(seed).random(n)
+    order = np.lexsort((tiebreak, -score))  # descending score
+    gain = np.concatenate([[0.0], np.cumsum((q_strong - q_weak)[order])])  # (n+1,)
+    k = np.rint(shares * n).astype(np.int64)
+    return (q_weak.sum() + gain[k]) / n
+
+
+def pgr(curve: F, q_weak: npt.ArrayLike, q_strong: npt.ArrayLike) -> F:
+    """Performance gap recovered at each share: 0 = weak alone, 1 = strong alone."""
+    lo, hi = float(np.mean(q_weak)), float(np.mean(q_strong))
+    return (curve - lo) / (hi - lo)
+
+
+def apgr(curve: F, q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, shares: F = SHARES) -> float:
+    """Average PGR over strong-call shares 0..100 % (area under the PGR curve)."""
+    return float(np.trapezoid(pgr(curve, q_weak, q_strong), shares))
+
+
+def cpt(curve: F, q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, target: float,
+        shares: F = SHARES) -> float:
+    """Smallest share of strong calls that recovers `target` of the performance gap."""
+    ok = np.nonzero(pgr(curve, q_weak, q_strong) >= target - 1e-12)[0]
+    return float(shares[ok[0]]) if len(ok) else float("nan")
+
+
+def router_figures(score: npt.ArrayLike, q_weak: npt.ArrayLike, q_strong: npt.ArrayLike) -> dict[str, float]:
+    curve = routed_quality(score, q_weak, q_strong)
+    return {
+        "apgr": apgr(curve, q_weak, q_strong),
+        "cpt50": cpt(curve, q_weak, q_strong, 0.5),
+        "cpt80": cpt(curve, q_weak, q_strong, 0.8),
+    }
+
+
+def baseline_scores(q_weak: F, q_strong: F, lengths: F, seed: int = 0) -> dict[str, F]:
+    """Scores of the reference routers: random, prompt length (longer goes strong), oracle."""
+    return {
+        "random": np.random.default_rng(seed).random(len(q_weak)),
+        "prompt_length": np.asarray(lengths, np.float64),
+        "oracle": np.asarray(q_strong, np.float64) - np.asarray(q_weak, np.float64),
+    }
+
+
+def expected_calibration_error(prob: npt.ArrayLike, outcome: npt.ArrayLike, bins: int = 10) -> float:
+    """ECE with equal-width bins; soft outcomes (judge probabilities) are allowed."""
+    prob, outcome = np.asarray(prob, np.float64), np.asarray(outcome, np.float64)
+    idx = np.minimum((prob * bins).astype(np.int64), bins - 1)
+    err = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            err += sel.mean() * abs(prob[sel].mean() - outcome[sel].mean())
+    return float(err)
+
+
+def log_loss(prob: npt.ArrayLike, outcome: npt.ArrayLike) -> float:
+    p = np.clip(np.asarray(prob, np.float64), 1e-7, 1 - 1e-7)
+    y = np.asarray(outcome, np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def auc(score: npt.ArrayLike, label: npt.ArrayLike) -> float:
+    """ROC AUC by the rank formula (ties averaged); labels are thresholded at 0.5."""
+    s = np.asarray(score, np.float64)
+    y = np.asarray(label, np.float64) > 0.5
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), np.float64)
+    ranks[order] = np.arange(1, len(s) + 1)
+    # average ranks over ties
+    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = (sums / counts)[inv]
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

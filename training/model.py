@@ -1,0 +1,114 @@
+"""The win-probability head: RouteLLM's matrix-factorization router generalized to N models.
+
+Each model m has a learned vector v_m; the prompt embedding x is projected into the
+same space, and the model's ability on this prompt is the logit
+
+    s_m(x) = (x P) . v_m + b_m                      # P: (dim, rank), v_m: (rank,)
+
+Bradley-Terry: P(m's answer beats m''s) = sigmoid(s_m - s_m'). The outcomes in the
+data compare a model's answer with something else, so each data set adds its term:
+
+    correctness (MMLU):           P(correct)        = sigmoid(s_m(x) - d(x))
+    judged vs a reference (Alpaca): P(beats ref)    = sigmoid(s_m(x) - s_ref(x) + c_data)
+
+d(x) = x . w_d + b_d is the prompt's difficulty bar, s_ref the reference model's own
+ability (gpt-4-1106-preview, also MMLU's strong model, which ties the files together)
+and c_data a per-file judge offset. Serving reads quality = sigmoid(s_m - d) and
+win probability = sigmoid(s_t - s_cheapest) (router.scoring).
+Because the final map is linear, the trained head collapses to one matrix for export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Terms:
+    """Outcome terms in long form (see training.data.RoutingData)."""
+
+    row: npt.NDArray[np.int64]  # (K,) prompt row of each term
+    model: npt.NDArray[np.int64]  # (K,) model index
+    dataset: npt.NDArray[np.int64]  # (K,) data set index
+    target: F32  # (K,) outcome in [0, 1]
+    compare: tuple[str, ...]  # per data set: "bar" or "reference"
+    reference: int  # model index of the reference in "reference" data sets
+    n_models: int
+
+    def subset(self, keep: npt.NDArray[np.bool_]) -> Terms:
+        return Terms(self.row[keep], self.model[keep], self.dataset[keep], self.target[keep],
+                     self.compare, self.reference, self.n_models)
+
+
+class WinRateHead:
+    """scikit-learn estimator shape: hyperparameters in __init__, learned state ends in `_`."""
+
+    def __init__(self, rank: int = 64, l2: float = 1e-4, steps: int = 400, lr: float = 0.01,
+                 seed: int = 0) -> None:
+        self.rank = rank
+        self.l2 = l2
+        self.steps = steps
+        self.lr = lr
+        self.seed = seed
+
+    def fit(self, X: F32, terms: Terms) -> WinRateHead:
+        import torch
+
+        torch.manual_seed(self.seed)
+        x = torch.from_numpy(np.ascontiguousarray(X, np.float32))  # (N, dim)
+        dim, n_models, n_data = x.shape[1], terms.n_models, len(terms.compare)
+        row = torch.from_numpy(terms.row)
+        model = torch.from_numpy(terms.model)
+        dset = torch.from_numpy(terms.dataset)
+        y = torch.from_numpy(terms.target)
+        is_bar = torch.tensor([c == "bar" for c in terms.compare])[dset]  # (K,)
+
+        # 1. parameters (RouteLLM's MF: projection P, model vectors V, biases)
+        P = torch.nn.Parameter(torch.randn(dim, self.rank) / dim**0.5)
+        V = torch.nn.Parameter(torch.randn(n_models, self.rank) * 0.1)
+        b = torch.nn.Parameter(torch.zeros(n_models))
+        wd = torch.nn.Parameter(torch.zeros(dim))
+        bd = torch.nn.Parameter(torch.zeros(()))
+        offset = torch.nn.Parameter(torch.zeros(n_data))
+        params = [P, V, b, wd, bd, offset]
+        opt = torch.optim.Adam(params, lr=self.lr)
+
+        # 2. full-batch training: the data is small enough to see all of it every step
+        for _ in range(self.steps):
+            ability = (x @ P) @ V.T + b  # (N, M)
+            difficulty = x @ wd + bd  # (N,)
+            s = ability[row, model]  # (K,)
+            against = torch.where(is_bar, difficulty[row], ability[row, terms.reference] - offset[dset])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(s - against, y)
+            loss = loss + self.l2 * (P.square().sum() + V.square().sum() + wd.square().sum())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        # 3. collapse to the exported form: one (dim, M + 1) matrix and bias
+        with torch.no_grad():
+            self.weight_ = np.concatenate([(P @ V.T).numpy(), wd.numpy()[:, None]], axis=1).astype(np.float32)
+            self.bias_ = np.concatenate([b.numpy(), bd.numpy()[None]]).astype(np.float32)
+            self.offset_ = offset.numpy().astype(np.float32)
+            self.train_loss_ = float(loss)
+        self.n_models_ = n_models
+        return self
+
+    def logits(self, X: F32) -> tuple[F32, F32]:
+        """Ability (N, M) and difficulty (N,), exactly what head.onnx computes."""
+        z = X.astype(np.float32) @ self.weight_ + self.bias_
+        return z[:, :-1], z[:, -1]
+
+    def term_probability(self, X: F32, terms: Terms) -> F32:
+        """P(outcome = 1) for each term, with its data set's comparison (for held-out metrics)."""
+        ability, difficulty = self.logits(X)
+        s = ability[terms.row, terms.model]
+        is_bar = np.array([c == "bar" for c in terms.compare])[terms.dataset]
+        against = np.where(is_bar, difficulty[terms.row],
+                           ability[terms.row, terms.reference] - self.offset_[terms.dataset])
+        return (1.0 / (1.0 + np.exp(-(s - against)))).astype(np.float32)
