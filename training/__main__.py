@@ -1,4 +1,4 @@
-"""`python -m training <command>`: fit | export-encoder."""
+"""`python -m training <command>`: fit | evaluate | export-encoder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 COMMANDS = {
     "fit": "training.fit",
+    "evaluate": "training.crossval",
     "export-encoder": "training.export",
 }
 

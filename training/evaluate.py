@@ -93,3 +93,51 @@ def auc(score: npt.ArrayLike, label: npt.ArrayLike) -> float:
     sums = np.bincount(inv, weights=ranks)
     ranks = (sums / counts)[inv]
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def brier(prob: npt.ArrayLike, outcome: npt.ArrayLike) -> float:
+    return float(np.mean((np.asarray(prob, np.float64) - np.asarray(outcome, np.float64)) ** 2))
+
+
+def knn_gain(X_train: npt.NDArray[np.float32], gain_train: F, X_test: npt.NDArray[np.float32],
+             k: int = 50) -> F:
+    """k-nearest-neighbour router: mean strong-minus-weak outcome of the k most similar
+    training prompts (cosine on the same normalized embeddings the head sees)."""
+    out = np.empty(len(X_test), np.float64)
+    for start in range(0, len(X_test), 1024):
+        sims = X_test[start:start + 1024] @ X_train.T  # (b, n_train)
+        top = np.argpartition(-sims, min(k, sims.shape[1] - 1), axis=1)[:, :k]
+        out[start:start + 1024] = gain_train[top].mean(axis=1)
+    return out
+
+
+def quality_at_threshold(p_weak: F, q_weak: F, q_strong: F, threshold: float) -> dict[str, float]:
+    """Serving's floor rule on a strong/weak pair: strong when the weak tier's quality is below."""
+    strong = p_weak < threshold
+    return {"threshold": threshold, "strong_share": float(strong.mean()),
+            "quality": float(np.where(strong, q_strong, q_weak).mean()),
+            "pgr": float(pgr(np.array([np.where(strong, q_strong, q_weak).mean()]), q_weak, q_strong)[0])}
+
+
+def plot_curves(curves: dict[str, F], q_weak: F, q_strong: F, title: str, path: str) -> None:
+    """Cost-quality curve: routed quality against the share of strong calls."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    styles = {"random": ":", "prompt_length": "--", "knn": "-.", "oracle": (0, (1, 1))}
+    for name, curve in curves.items():
+        ax.plot(SHARES * 100, curve, linestyle=styles.get(name, "-"), label=name,
+                lw=2 if name.startswith("router") else 1.2)
+    ax.axhline(float(np.mean(q_strong)), color="grey", lw=0.6)
+    ax.axhline(float(np.mean(q_weak)), color="grey", lw=0.6)
+    ax.set_xlabel("calls sent to the strong model (%)")
+    ax.set_ylabel("routed quality")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

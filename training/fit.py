@@ -44,6 +44,7 @@ class FitConfig:
     lr: float = 0.01
     seed: int = 0
     limit: int | None = None  # first rows per file only (tests)
+    track: bool = True  # an MLflow run per fit, and the version registered (training.tracking)
 
 
 def build_terms(data: D.RoutingData) -> Terms:
@@ -143,13 +144,13 @@ def portable_config(cfg: FitConfig) -> dict[str, Any]:
 
 def result_hash(cfg: FitConfig, data: D.RoutingData, encoder_meta: dict[str, Any]) -> str:
     """Hash of what decides the trained head: config (not paths), data, encoder."""
-    decisive = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS + ("version", "set_default")}
+    decisive = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS + ("version", "set_default", "track")}
     blob = json.dumps(decisive, sort_keys=True) + D.data_hash(data.files) + encoder_meta["sha256"]
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def write_version(cfg: FitConfig, data: D.RoutingData, head: WinRateHead, X: np.ndarray,
-                  metrics: dict[str, Any], encoder_meta: dict[str, Any]) -> Path:
+                  metrics: dict[str, Any], encoder_meta: dict[str, Any], run_id: str | None) -> Path:
     version = cfg.version or f"{dt.date.today():%Y%m%d}-{result_hash(cfg, data, encoder_meta)[:8]}"
     out = Path(cfg.models_dir) / version
     tmp = out.with_name(out.name + ".tmp")
@@ -184,7 +185,7 @@ def write_version(cfg: FitConfig, data: D.RoutingData, head: WinRateHead, X: np.
                      "train_loss": head.train_loss_},
         "licenses": licenses,
         "metrics": metrics,
-        "mlflow_run_id": None,
+        "mlflow_run_id": run_id,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
     load_model(tmp, device="cpu")  # refuse to publish what the server would refuse to load
@@ -215,8 +216,21 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
 
     # 4. held-out figures beside baselines, then export with a parity check
     metrics = heldout_metrics(data, terms, head, X, fold, cfg)
-    out = write_version(cfg, data, head, X, metrics, encoder_meta)
-    return {"out_dir": str(out), "metrics": metrics}
+    if not cfg.track:
+        out = write_version(cfg, data, head, X, metrics, encoder_meta, None)
+        return {"out_dir": str(out), "metrics": metrics}
+
+    # 5. the same, tracked: params = this config, metrics, the version's files; registered
+    from training import tracking
+
+    with tracking.run("fit", portable_config(cfg), {"kind": "fit"}) as run:
+        out = write_version(cfg, data, head, X, metrics, encoder_meta, run.run_id)
+        run.log_metrics(metrics | {"train_loss": head.train_loss_})
+        run.log_artifact(out, "model")
+        registry_version = tracking.register(run.run_id, "model", out.name, "models/" + out.name)
+    log.info("registered %s as %s version %s", out.name, tracking.REGISTERED_MODEL, registry_version)
+    return {"out_dir": str(out), "metrics": metrics, "mlflow_run_id": run.run_id,
+            "registry_version": registry_version}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default=",".join(defaults.datasets),
                    help="comma-separated: mmlu, alpaca_eval, alpaca_eval_binary "
                         "('mmlu' alone gives a permissively licensed head)")
+    p.add_argument("--no-track", dest="track", action="store_false", help="skip MLflow")
     p.add_argument("--no-set-default", dest="set_default", action="store_false",
                    help="do not point models/DEFAULT at the new version")
     for name in ("data_dir", "encoder_dir", "models_dir", "version", "k_folds", "holdout_fold",

@@ -19,7 +19,8 @@ from training.fit import FitConfig, fit  # noqa: E402
 from training.model import WinRateHead  # noqa: E402
 
 
-def test_small_fit_writes_a_servable_self_describing_version(tmp_path):
+def test_small_fit_writes_a_servable_self_describing_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     cfg = FitConfig(data_dir=str(require_data()), models_dir=str(tmp_path), limit=60, steps=30,
                     encoder_dir=str(MODELS / "encoder" / "all-MiniLM-L6-v2-int8"))
     out = fit(cfg)
@@ -36,6 +37,15 @@ def test_small_fit_writes_a_servable_self_describing_version(tmp_path):
                                                       Tier(name="strong", model="gpt-4-1106-preview")))
     (r,) = RoutingEngine(model).route_batch([RouteQuery("What is 2 + 2?", profile)])
     assert r.model_version == manifest["version"] and len(r.quality) == 2
+    # tracked: the run holds the config, the figures and the files; the version is registered
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.data.params["rank"] == str(cfg.rank) and "mmlu.log_loss" in run.data.metrics
+    assert manifest["mlflow_run_id"] == out["mlflow_run_id"]
+    (mv,) = client.search_model_versions("name='tier-router'")
+    assert mv.tags["manifest_version"] == manifest["version"] and mv.run_id == out["mlflow_run_id"]
     # same config, same data: same version name (reproducible, fixed seeds)
     again = fit(cfg)
     assert again["out_dir"] == out["out_dir"]

@@ -1,0 +1,277 @@
+"""`python -m training evaluate`: cross-validated routing figures for a profile's pairs, beside baselines.
+
+Protocols (the model never sees the prompts it is scored on):
+  cv        k folds by a hash of the prompt text (copies of a question share a fold)
+  subjects  MMLU subjects split into k groups: train on the others, score unseen subjects
+  cross     train on one kind of traffic, score another (MMLU -> AlpacaEval and back)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from router.profiles import load_profiles
+from router.scoring import sigmoid
+from training import data as D
+from training import evaluate as E
+from training.embed import Embedder
+from training.fit import REPO, build_terms
+from training.model import Terms, WinRateHead
+
+log = logging.getLogger(__name__)
+
+CROSS_SPLITS = {  # name -> (train data sets, scored data sets)
+    "mmlu->alpaca": (["mmlu"], ["alpaca_eval_binary", "alpaca_eval"]),
+    "alpaca->mmlu": (["alpaca_eval", "alpaca_eval_binary"], ["mmlu"]),
+}
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "cv"  # cv | subjects | cross
+    k_folds: int = 5
+    datasets: list[str] = field(default_factory=lambda: ["mmlu", "alpaca_eval", "alpaca_eval_binary"])
+    profile: str = "routellm-pair"
+    profiles_path: str = str(REPO / "config" / "profiles.toml")
+    data_dir: str = str(D.DATA_DIR)
+    encoder_dir: str = str(REPO / "models" / "encoder" / "all-MiniLM-L6-v2-int8")
+    out_dir: str = str(REPO / "build" / "eval")
+    rank: int = 32
+    l2: float = 1e-3
+    steps: int = 400
+    lr: float = 0.01
+    seed: int = 0
+    knn_k: int = 50
+    limit: int | None = None
+    track: bool = True
+
+
+@dataclass
+class Predictions:
+    """Out-of-group head outputs for every scored row."""
+
+    ability: npt.NDArray[np.float32]  # (N, M)
+    difficulty: npt.NDArray[np.float32]  # (N,)
+    offset: npt.NDArray[np.float32]  # (N, n_datasets) judge offsets of the head that scored the row
+    group: npt.NDArray[np.int64]  # (N,) which held-out group scored the row; -1 = not scored
+
+
+def groups_for(cfg: EvalConfig, data: D.RoutingData) -> tuple[npt.NDArray[np.int64], list[str]]:
+    """Group of each prompt row; each group is held out once. Names describe the groups."""
+    if cfg.protocol == "cv":
+        return D.folds(data.prompts, cfg.k_folds), [f"fold {k}" for k in range(cfg.k_folds)]
+    if cfg.protocol == "subjects":
+        subjects = sorted({s for s in data.sources if s.startswith("mmlu/")})
+        group_of = {s: D.prompt_fold(s, cfg.k_folds) for s in subjects}
+        g = np.array([group_of.get(s, -1) for s in data.sources], np.int64)  # non-MMLU rows: always train
+        return g, [f"subjects {k}" for k in range(cfg.k_folds)]
+    if cfg.protocol == "cross":
+        ds = data.row_dataset()
+        g = np.full(data.n_rows, -1, np.int64)
+        names = []
+        for i, (_, (_, scored)) in enumerate(CROSS_SPLITS.items()):
+            names.append(list(CROSS_SPLITS)[i])
+            for name in scored:
+                if name in data.datasets:
+                    g[ds == data.datasets.index(name)] = i
+        return g, names
+    raise ValueError(f"unknown protocol {cfg.protocol!r}: cv, subjects or cross")
+
+
+def train_mask(cfg: EvalConfig, data: D.RoutingData, terms: Terms, groups: npt.NDArray[np.int64],
+               g: int) -> npt.NDArray[np.bool_]:
+    if cfg.protocol != "cross":
+        return groups[terms.row] != g
+    train_sets = CROSS_SPLITS[list(CROSS_SPLITS)[g]][0]
+    return np.isin(terms.dataset, [data.datasets.index(d) for d in train_sets if d in data.datasets])
+
+
+def out_of_group(cfg: EvalConfig, data: D.RoutingData, X: npt.NDArray[np.float32], terms: Terms,
+                 groups: npt.NDArray[np.int64]) -> tuple[Predictions, list[float]]:
+    M, n_data = len(data.models), len(data.datasets)
+    pred = Predictions(np.zeros((data.n_rows, M), np.float32), np.zeros(data.n_rows, np.float32),
+                       np.zeros((data.n_rows, n_data), np.float32), np.full(data.n_rows, -1, np.int64))
+    losses = []
+    for g in sorted(set(groups.tolist()) - {-1}):
+        head = WinRateHead(rank=cfg.rank, l2=cfg.l2, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed)
+        head.fit(X, terms.subset(train_mask(cfg, data, terms, groups, g)))
+        rows = np.nonzero(groups == g)[0]
+        pred.ability[rows], pred.difficulty[rows] = head.logits(X[rows])
+        pred.offset[rows] = head.offset_
+        pred.group[rows] = g
+        losses.append(head.train_loss_)
+        log.info("group %d: fitted on %d terms, scored %d prompts", g, int(train_mask(cfg, data, terms, groups, g).sum()), len(rows))
+    return pred, losses
+
+
+def model_probability(data: D.RoutingData, pred: Predictions, rows: npt.NDArray[np.int64],
+                      dataset: str, model: str) -> npt.NDArray[np.float32]:
+    """P(outcome = 1) for `model` on `rows`, in `dataset`'s own terms (see training.model)."""
+    d = data.datasets.index(dataset)
+    if D.FILES[dataset]["compare"] == "bar":
+        return sigmoid(pred.ability[rows, data.models.index(model)] - pred.difficulty[rows])
+    if model == D.REFERENCE_MODEL:
+        return np.full(len(rows), 0.5, np.float32)  # the reference ties with itself
+    ref = data.models.index(D.REFERENCE_MODEL)
+    return sigmoid(pred.ability[rows, data.models.index(model)] - pred.ability[rows, ref] + pred.offset[rows, d])
+
+
+def pair_outcomes(data: D.RoutingData, dataset: str, weak: str, strong: str) -> tuple[
+        npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+    """Rows of `dataset` and both models' outcomes there, or None if it lacks one of them."""
+    rows, models, mat = data.outcome_matrix(dataset)
+    def column(m: str) -> npt.NDArray[np.float64] | None:
+        if m in models:
+            return mat[:, models.index(m)].astype(np.float64)
+        if m == D.REFERENCE_MODEL and D.FILES[dataset]["compare"] == "reference":
+            return np.full(len(rows), 0.5)
+        return None
+    qw, qs = column(weak), column(strong)
+    return None if qw is None or qs is None else (rows, qw, qs)
+
+
+def evaluate_pair(cfg: EvalConfig, data: D.RoutingData, X: npt.NDArray[np.float32], pred: Predictions,
+                  dataset: str, weak: str, strong: str, threshold: float, plot_path: Path) -> dict[str, Any] | None:
+    found = pair_outcomes(data, dataset, weak, strong)
+    if found is None:
+        return None
+    rows, q_weak, q_strong = found
+    scored = pred.group[rows] >= 0
+    rows, q_weak, q_strong = rows[scored], q_weak[scored], q_strong[scored]
+    if len(rows) == 0 or np.isclose(q_weak.mean(), q_strong.mean()):
+        return None
+    p_weak = model_probability(data, pred, rows, dataset, weak).astype(np.float64)
+    p_strong = model_probability(data, pred, rows, dataset, strong).astype(np.float64)
+    win = sigmoid(pred.ability[rows, data.models.index(strong)] - pred.ability[rows, data.models.index(weak)])
+    lengths = np.array([len(data.prompts[r]) for r in rows], np.float64)
+
+    # kNN on the same embeddings, fitted per held-out group on the pair's other rows
+    knn = np.zeros(len(rows))
+    all_rows, all_qw, all_qs = pair_outcomes(data, dataset, weak, strong)  # type: ignore[misc]
+    for g in np.unique(pred.group[rows]):
+        test = pred.group[rows] == g
+        if cfg.protocol == "cross":  # neighbours come from the training traffic
+            src = [d for d in CROSS_SPLITS[list(CROSS_SPLITS)[g]][0] if d in data.datasets]
+            tr_rows, tr_gain = [], []
+            for d in src:
+                f = pair_outcomes(data, d, weak, strong)
+                if f is not None:
+                    tr_rows.append(f[0])
+                    tr_gain.append(f[2] - f[1])
+            if not tr_rows:
+                continue
+            tr, gain = np.concatenate(tr_rows), np.concatenate(tr_gain)
+        else:
+            keep = pred.group[all_rows] != g
+            tr, gain = all_rows[keep], (all_qs - all_qw)[keep]
+        knn[test] = E.knn_gain(X[tr], gain, X[rows[test]], cfg.knn_k)
+
+    scores = {"router_gain": p_strong - p_weak, "router_floor": 1.0 - p_weak, "router_win": win}
+    scores |= {"knn": knn} | E.baseline_scores(q_weak, q_strong, lengths, cfg.seed)
+    curves = {name: E.routed_quality(s, q_weak, q_strong) for name, s in scores.items()}
+    figures = {name: {"apgr": E.apgr(c, q_weak, q_strong), "cpt50": E.cpt(c, q_weak, q_strong, 0.5),
+                      "cpt80": E.cpt(c, q_weak, q_strong, 0.8)} for name, c in curves.items()}
+    per_group = {}
+    for g in np.unique(pred.group[rows]):
+        sel = pred.group[rows] == g
+        if np.isclose(q_weak[sel].mean(), q_strong[sel].mean()):
+            continue
+        per_group[int(g)] = {name: E.router_figures(s[sel], q_weak[sel], q_strong[sel])["apgr"]
+                             for name, s in scores.items() if name in ("router_gain", "router_floor", "knn", "prompt_length")}
+    pairwise = np.where(q_strong > q_weak, 1.0, np.where(q_strong < q_weak, 0.0, 0.5))
+    calibration = {
+        "weak_quality": {"ece": E.expected_calibration_error(p_weak, q_weak), "brier": E.brier(p_weak, q_weak)},
+        "win_probability": {"ece": E.expected_calibration_error(win, pairwise), "brier": E.brier(win, pairwise)},
+    }
+    if strong != D.REFERENCE_MODEL or D.FILES[dataset]["compare"] == "bar":
+        calibration["strong_quality"] = {"ece": E.expected_calibration_error(p_strong, q_strong),
+                                         "brier": E.brier(p_strong, q_strong)}
+    E.plot_curves(curves, q_weak, q_strong, f"{dataset}: {weak} -> {strong} ({cfg.protocol}, {len(rows)} prompts)",
+                  str(plot_path))
+    return {
+        "dataset": dataset, "weak": weak, "strong": strong, "prompts": int(len(rows)),
+        "weak_mean": float(q_weak.mean()), "strong_mean": float(q_strong.mean()),
+        "routers": figures, "per_group_apgr": per_group, "calibration": calibration,
+        "at_profile_threshold": E.quality_at_threshold(p_weak, q_weak, q_strong, threshold),
+        "plot": plot_path.name,
+    }
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    # 1. data, terms, embeddings through the serving encoder
+    data = D.load(cfg.datasets, Path(cfg.data_dir), cfg.limit)
+    terms = build_terms(data)
+    enc = Path(cfg.encoder_dir)
+    meta = json.loads((enc / "encoder.json").read_text("utf-8"))
+    X = Embedder(enc / "encoder.onnx", enc / "tokenizer.json", int(meta["max_tokens"])).embed(data.prompts)
+
+    # 2. out-of-group predictions: every scored prompt comes from a head that never saw it
+    groups, group_names = groups_for(cfg, data)
+    pred, _ = out_of_group(cfg, data, X, terms, groups)
+
+    # 3. figures for each adjacent pair of the profile's tiers, on every data set that labels it
+    profile = load_profiles(Path(cfg.profiles_path))[cfg.profile]
+    out_dir = Path(cfg.out_dir) / f"{cfg.protocol}-{cfg.profile}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for weak, strong in zip(profile.tiers, profile.tiers[1:], strict=False):
+        for dataset in cfg.datasets:
+            res = evaluate_pair(cfg, data, X, pred, dataset, weak.model, strong.model, profile.threshold,
+                                out_dir / f"curve-{dataset}-{weak.name}-{strong.name}.png")
+            if res is not None:
+                pairs.append(res | {"tiers": f"{weak.name}->{strong.name}"})
+    result = {"config": asdict(cfg), "groups": group_names, "pairs": pairs,
+              "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "encoder_sha256": meta["sha256"], "data": data.files}
+    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", "utf-8")
+    if cfg.track:
+        from training import tracking
+
+        with tracking.run(f"evaluate-{cfg.protocol}-{cfg.profile}", asdict(cfg), {"kind": "evaluate"}) as run:
+            run.log_metrics({f"{p['dataset']}.{p['tiers']}": {"routers": p["routers"], "calibration": p["calibration"]}
+                             for p in pairs})
+            run.log_artifact(out_dir)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = []
+    for p in result["pairs"]:
+        lines.append(f"\n{p['dataset']}  {p['tiers']}  ({p['weak']} {p['weak_mean']:.3f} -> "
+                     f"{p['strong']} {p['strong_mean']:.3f}, {p['prompts']} prompts)")
+        lines.append(f"  {'router':<14}{'APGR':>7}{'CPT50':>8}{'CPT80':>8}")
+        for name, f in p["routers"].items():
+            lines.append(f"  {name:<14}{f['apgr']:>7.3f}{f['cpt50'] * 100:>7.0f}%{f['cpt80'] * 100:>7.0f}%")
+        cal = "  ".join(f"{k} ECE {v['ece']:.3f}" for k, v in p["calibration"].items())
+        t = p["at_profile_threshold"]
+        lines.append(f"  calibration: {cal}")
+        lines.append(f"  at threshold {t['threshold']}: {t['strong_share'] * 100:.1f}% strong, quality {t['quality']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = EvalConfig()
+    p = argparse.ArgumentParser(prog="python -m training evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default=",".join(defaults.datasets))
+    p.add_argument("--no-track", dest="track", action="store_false", help="skip MLflow")
+    for name in ("protocol", "k_folds", "profile", "profiles_path", "data_dir", "encoder_dir", "out_dir",
+                 "rank", "l2", "steps", "lr", "seed", "knn_k", "limit"):
+        default = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else int,
+                       default=default)
+    args = vars(p.parse_args(argv))
+    args["datasets"] = [d for d in args["datasets"].split(",") if d]
+    result = evaluate(EvalConfig(**args))
+    print(table(result))
+    print(f"\nwritten: {Path(result['config']['out_dir']) / (result['config']['protocol'] + '-' + result['config']['profile'])}")
+    return 0
