@@ -1,1 +1,1 @@
-"""Offline training: data, embeddings, the win-probability head, evaluation and export. Imports router, never the reverse."""
+"""Offline training: data, embeddings, the head, evaluation, export. Imports router, never the reverse."""

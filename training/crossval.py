@@ -24,8 +24,8 @@ from router.scoring import sigmoid
 from training import data as D
 from training import evaluate as E
 from training.embed import Embedder
-from training.fit import REPO, build_terms
-from training.model import Terms, WinRateHead
+from training.fit import REPO, arg_type, build_terms
+from training.model import HEAD_FIELDS, HeadConfig, Terms
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ CROSS_SPLITS = {  # name -> (train data sets, scored data sets)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(HeadConfig):
     protocol: str = "cv"  # cv | subjects | cross
     k_folds: int = 5
     datasets: list[str] = field(default_factory=lambda: ["mmlu", "alpaca_eval", "alpaca_eval_binary"])
@@ -45,11 +45,6 @@ class EvalConfig:
     data_dir: str = str(D.DATA_DIR)
     encoder_dir: str = str(REPO / "models" / "encoder" / "all-MiniLM-L6-v2-int8")
     out_dir: str = str(REPO / "build" / "eval")
-    rank: int = 32
-    l2: float = 1e-3
-    steps: int = 400
-    lr: float = 0.01
-    seed: int = 0
     knn_k: int = 50
     limit: int | None = None
     track: bool = True
@@ -87,34 +82,46 @@ def groups_for(cfg: EvalConfig, data: D.RoutingData) -> tuple[npt.NDArray[np.int
     raise ValueError(f"unknown protocol {cfg.protocol!r}: cv, subjects or cross")
 
 
-def train_mask(cfg: EvalConfig, data: D.RoutingData, terms: Terms, groups: npt.NDArray[np.int64],
-               g: int) -> npt.NDArray[np.bool_]:
+def train_mask(
+    cfg: EvalConfig, data: D.RoutingData, terms: Terms, groups: npt.NDArray[np.int64], g: int
+) -> npt.NDArray[np.bool_]:
     if cfg.protocol != "cross":
         return groups[terms.row] != g
     train_sets = CROSS_SPLITS[list(CROSS_SPLITS)[g]][0]
     return np.isin(terms.dataset, [data.datasets.index(d) for d in train_sets if d in data.datasets])
 
 
-def out_of_group(cfg: EvalConfig, data: D.RoutingData, X: npt.NDArray[np.float32], terms: Terms,
-                 groups: npt.NDArray[np.int64]) -> tuple[Predictions, list[float]]:
+def out_of_group(
+    cfg: EvalConfig, data: D.RoutingData, X: npt.NDArray[np.float32], terms: Terms, groups: npt.NDArray[np.int64]
+) -> tuple[Predictions, list[float]]:
     M, n_data = len(data.models), len(data.datasets)
-    pred = Predictions(np.zeros((data.n_rows, M), np.float32), np.zeros(data.n_rows, np.float32),
-                       np.zeros((data.n_rows, n_data), np.float32), np.full(data.n_rows, -1, np.int64))
+    pred = Predictions(
+        np.zeros((data.n_rows, M), np.float32),
+        np.zeros(data.n_rows, np.float32),
+        np.zeros((data.n_rows, n_data), np.float32),
+        np.full(data.n_rows, -1, np.int64),
+    )
     losses = []
     for g in sorted(set(groups.tolist()) - {-1}):
-        head = WinRateHead(rank=cfg.rank, l2=cfg.l2, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed)
+        head = cfg.make_head()
         head.fit(X, terms.subset(train_mask(cfg, data, terms, groups, g)))
         rows = np.nonzero(groups == g)[0]
         pred.ability[rows], pred.difficulty[rows] = head.logits(X[rows])
         pred.offset[rows] = head.offset_
         pred.group[rows] = g
         losses.append(head.train_loss_)
-        log.info("group %d: fitted on %d terms, scored %d prompts", g, int(train_mask(cfg, data, terms, groups, g).sum()), len(rows))
+        log.info(
+            "group %d: fitted on %d terms, scored %d prompts",
+            g,
+            int(train_mask(cfg, data, terms, groups, g).sum()),
+            len(rows),
+        )
     return pred, losses
 
 
-def model_probability(data: D.RoutingData, pred: Predictions, rows: npt.NDArray[np.int64],
-                      dataset: str, model: str) -> npt.NDArray[np.float32]:
+def model_probability(
+    data: D.RoutingData, pred: Predictions, rows: npt.NDArray[np.int64], dataset: str, model: str
+) -> npt.NDArray[np.float32]:
     """P(outcome = 1) for `model` on `rows`, in `dataset`'s own terms (see training.model)."""
     d = data.datasets.index(dataset)
     if D.FILES[dataset]["compare"] == "bar":
@@ -125,22 +132,34 @@ def model_probability(data: D.RoutingData, pred: Predictions, rows: npt.NDArray[
     return sigmoid(pred.ability[rows, data.models.index(model)] - pred.ability[rows, ref] + pred.offset[rows, d])
 
 
-def pair_outcomes(data: D.RoutingData, dataset: str, weak: str, strong: str) -> tuple[
-        npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+def pair_outcomes(
+    data: D.RoutingData, dataset: str, weak: str, strong: str
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
     """Rows of `dataset` and both models' outcomes there, or None if it lacks one of them."""
     rows, models, mat = data.outcome_matrix(dataset)
+
     def column(m: str) -> npt.NDArray[np.float64] | None:
         if m in models:
             return mat[:, models.index(m)].astype(np.float64)
         if m == D.REFERENCE_MODEL and D.FILES[dataset]["compare"] == "reference":
             return np.full(len(rows), 0.5)
         return None
+
     qw, qs = column(weak), column(strong)
     return None if qw is None or qs is None else (rows, qw, qs)
 
 
-def evaluate_pair(cfg: EvalConfig, data: D.RoutingData, X: npt.NDArray[np.float32], pred: Predictions,
-                  dataset: str, weak: str, strong: str, threshold: float, plot_path: Path) -> dict[str, Any] | None:
+def evaluate_pair(
+    cfg: EvalConfig,
+    data: D.RoutingData,
+    X: npt.NDArray[np.float32],
+    pred: Predictions,
+    dataset: str,
+    weak: str,
+    strong: str,
+    threshold: float,
+    plot_path: Path,
+) -> dict[str, Any] | None:
     found = pair_outcomes(data, dataset, weak, strong)
     if found is None:
         return None
@@ -178,29 +197,47 @@ def evaluate_pair(cfg: EvalConfig, data: D.RoutingData, X: npt.NDArray[np.float3
     scores = {"router_gain": p_strong - p_weak, "router_floor": 1.0 - p_weak, "router_win": win}
     scores |= {"knn": knn} | E.baseline_scores(q_weak, q_strong, lengths, cfg.seed)
     curves = {name: E.routed_quality(s, q_weak, q_strong) for name, s in scores.items()}
-    figures = {name: {"apgr": E.apgr(c, q_weak, q_strong), "cpt50": E.cpt(c, q_weak, q_strong, 0.5),
-                      "cpt80": E.cpt(c, q_weak, q_strong, 0.8)} for name, c in curves.items()}
+    figures = {
+        name: {
+            "apgr": E.apgr(c, q_weak, q_strong),
+            "cpt50": E.cpt(c, q_weak, q_strong, 0.5),
+            "cpt80": E.cpt(c, q_weak, q_strong, 0.8),
+        }
+        for name, c in curves.items()
+    }
     per_group = {}
     for g in np.unique(pred.group[rows]):
         sel = pred.group[rows] == g
         if np.isclose(q_weak[sel].mean(), q_strong[sel].mean()):
             continue
-        per_group[int(g)] = {name: E.router_figures(s[sel], q_weak[sel], q_strong[sel])["apgr"]
-                             for name, s in scores.items() if name in ("router_gain", "router_floor", "knn", "prompt_length")}
+        per_group[int(g)] = {
+            name: E.router_figures(s[sel], q_weak[sel], q_strong[sel])["apgr"]
+            for name, s in scores.items()
+            if name in ("router_gain", "router_floor", "knn", "prompt_length")
+        }
     pairwise = np.where(q_strong > q_weak, 1.0, np.where(q_strong < q_weak, 0.0, 0.5))
     calibration = {
         "weak_quality": {"ece": E.expected_calibration_error(p_weak, q_weak), "brier": E.brier(p_weak, q_weak)},
         "win_probability": {"ece": E.expected_calibration_error(win, pairwise), "brier": E.brier(win, pairwise)},
     }
     if strong != D.REFERENCE_MODEL or D.FILES[dataset]["compare"] == "bar":
-        calibration["strong_quality"] = {"ece": E.expected_calibration_error(p_strong, q_strong),
-                                         "brier": E.brier(p_strong, q_strong)}
-    E.plot_curves(curves, q_weak, q_strong, f"{dataset}: {weak} -> {strong} ({cfg.protocol}, {len(rows)} prompts)",
-                  str(plot_path))
+        calibration["strong_quality"] = {
+            "ece": E.expected_calibration_error(p_strong, q_strong),
+            "brier": E.brier(p_strong, q_strong),
+        }
+    E.plot_curves(
+        curves, q_weak, q_strong, f"{dataset}: {weak} -> {strong} ({cfg.protocol}, {len(rows)} prompts)", str(plot_path)
+    )
     return {
-        "dataset": dataset, "weak": weak, "strong": strong, "prompts": int(len(rows)),
-        "weak_mean": float(q_weak.mean()), "strong_mean": float(q_strong.mean()),
-        "routers": figures, "per_group_apgr": per_group, "calibration": calibration,
+        "dataset": dataset,
+        "weak": weak,
+        "strong": strong,
+        "prompts": int(len(rows)),
+        "weak_mean": float(q_weak.mean()),
+        "strong_mean": float(q_strong.mean()),
+        "routers": figures,
+        "per_group_apgr": per_group,
+        "calibration": calibration,
         "at_profile_threshold": E.quality_at_threshold(p_weak, q_weak, q_strong, threshold),
         "plot": plot_path.name,
     }
@@ -225,20 +262,38 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     pairs = []
     for weak, strong in zip(profile.tiers, profile.tiers[1:], strict=False):
         for dataset in cfg.datasets:
-            res = evaluate_pair(cfg, data, X, pred, dataset, weak.model, strong.model, profile.threshold,
-                                out_dir / f"curve-{dataset}-{weak.name}-{strong.name}.png")
+            res = evaluate_pair(
+                cfg,
+                data,
+                X,
+                pred,
+                dataset,
+                weak.model,
+                strong.model,
+                profile.threshold,
+                out_dir / f"curve-{dataset}-{weak.name}-{strong.name}.png",
+            )
             if res is not None:
                 pairs.append(res | {"tiers": f"{weak.name}->{strong.name}"})
-    result = {"config": asdict(cfg), "groups": group_names, "pairs": pairs,
-              "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "encoder_sha256": meta["sha256"], "data": data.files}
+    result = {
+        "config": asdict(cfg),
+        "groups": group_names,
+        "pairs": pairs,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "encoder_sha256": meta["sha256"],
+        "data": data.files,
+    }
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", "utf-8")
     if cfg.track:
         from training import tracking
 
         with tracking.run(f"evaluate-{cfg.protocol}-{cfg.profile}", asdict(cfg), {"kind": "evaluate"}) as run:
-            run.log_metrics({f"{p['dataset']}.{p['tiers']}": {"routers": p["routers"], "calibration": p["calibration"]}
-                             for p in pairs})
+            run.log_metrics(
+                {
+                    f"{p['dataset']}.{p['tiers']}": {"routers": p["routers"], "calibration": p["calibration"]}
+                    for p in pairs
+                }
+            )
             run.log_artifact(out_dir)
     return result
 
@@ -246,32 +301,46 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     lines = []
     for p in result["pairs"]:
-        lines.append(f"\n{p['dataset']}  {p['tiers']}  ({p['weak']} {p['weak_mean']:.3f} -> "
-                     f"{p['strong']} {p['strong_mean']:.3f}, {p['prompts']} prompts)")
+        lines.append(
+            f"\n{p['dataset']}  {p['tiers']}  ({p['weak']} {p['weak_mean']:.3f} -> "
+            f"{p['strong']} {p['strong_mean']:.3f}, {p['prompts']} prompts)"
+        )
         lines.append(f"  {'router':<14}{'APGR':>7}{'CPT50':>8}{'CPT80':>8}")
         for name, f in p["routers"].items():
             lines.append(f"  {name:<14}{f['apgr']:>7.3f}{f['cpt50'] * 100:>7.0f}%{f['cpt80'] * 100:>7.0f}%")
         cal = "  ".join(f"{k} ECE {v['ece']:.3f}" for k, v in p["calibration"].items())
         t = p["at_profile_threshold"]
         lines.append(f"  calibration: {cal}")
-        lines.append(f"  at threshold {t['threshold']}: {t['strong_share'] * 100:.1f}% strong, quality {t['quality']:.4f}")
+        lines.append(
+            f"  at threshold {t['threshold']}: {t['strong_share'] * 100:.1f}% strong, quality {t['quality']:.4f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = EvalConfig()
-    p = argparse.ArgumentParser(prog="python -m training evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--datasets", default=",".join(defaults.datasets))
     p.add_argument("--no-track", dest="track", action="store_false", help="skip MLflow")
-    for name in ("protocol", "k_folds", "profile", "profiles_path", "data_dir", "encoder_dir", "out_dir",
-                 "rank", "l2", "steps", "lr", "seed", "knn_k", "limit"):
-        default = getattr(defaults, name)
-        p.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else int,
-                       default=default)
+    for name in (
+        "protocol",
+        "k_folds",
+        "profile",
+        "profiles_path",
+        "data_dir",
+        "encoder_dir",
+        "out_dir",
+        *HEAD_FIELDS,
+        "knn_k",
+        "limit",
+    ):
+        p.add_argument("--" + name.replace("_", "-"), type=arg_type(EvalConfig, name), default=getattr(defaults, name))
     args = vars(p.parse_args(argv))
     args["datasets"] = [d for d in args["datasets"].split(",") if d]
     result = evaluate(EvalConfig(**args))
     print(table(result))
-    print(f"\nwritten: {Path(result['config']['out_dir']) / (result['config']['protocol'] + '-' + result['config']['profile'])}")
+    cfg = result["config"]
+    print("\nwritten:", Path(cfg["out_dir"]) / f"{cfg['protocol']}-{cfg['profile']}")
     return 0

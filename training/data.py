@@ -18,9 +18,21 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 #   "reference": P(answer beats the reference model's answer), judged (AlpacaEval)
 REFERENCE_MODEL = "gpt-4-1106-preview"  # the reference of both AlpacaEval files
 FILES: dict[str, dict[str, str]] = {
-    "mmlu": {"file": "mmlu.jsonl.gz", "compare": "bar", "license": "MIT (MMLU questions); Apache-2.0 (RouteLLM labels)"},
-    "alpaca_eval": {"file": "alpaca_eval.jsonl.gz", "compare": "reference", "license": "CC BY-NC 4.0 (AlpacaEval data)"},
-    "alpaca_eval_binary": {"file": "alpaca_eval_binary.jsonl.gz", "compare": "reference", "license": "CC BY-NC 4.0 (AlpacaEval data)"},
+    "mmlu": {
+        "file": "mmlu.jsonl.gz",
+        "compare": "bar",
+        "license": "MIT (MMLU questions); Apache-2.0 (RouteLLM labels)",
+    },
+    "alpaca_eval": {
+        "file": "alpaca_eval.jsonl.gz",
+        "compare": "reference",
+        "license": "CC BY-NC 4.0 (AlpacaEval data)",
+    },
+    "alpaca_eval_binary": {
+        "file": "alpaca_eval_binary.jsonl.gz",
+        "compare": "reference",
+        "license": "CC BY-NC 4.0 (AlpacaEval data)",
+    },
 }
 PERMISSIVE = ("mmlu",)  # data sets whose license allows commercial use of a trained head
 
@@ -89,8 +101,15 @@ def load(datasets: list[str], data_dir: Path = DATA_DIR, limit: int | None = Non
             raise ValueError(f"unknown data set {name!r}; known: {sorted(FILES)}")
         path = data_dir / FILES[name]["file"]
         records = read_jsonl(path)[:limit]
-        files.append({"name": name, "file": path.name, "sha256": sha256_file(path),
-                      "rows": len(records), "license": FILES[name]["license"]})
+        files.append(
+            {
+                "name": name,
+                "file": path.name,
+                "sha256": sha256_file(path),
+                "rows": len(records),
+                "license": FILES[name]["license"],
+            }
+        )
         for rec in records:
             r = len(prompts)
             prompts.append(str(rec["prompt"]))
@@ -102,9 +121,16 @@ def load(datasets: list[str], data_dir: Path = DATA_DIR, limit: int | None = Non
                 dsets.append(d)
                 targets.append(float(y))
     return RoutingData(
-        prompts=prompts, ids=ids, sources=sources, models=list(models), datasets=list(datasets),
-        row=np.array(rows, np.int64), model=np.array(mods, np.int64),
-        dataset=np.array(dsets, np.int64), target=np.array(targets, np.float32), files=files,
+        prompts=prompts,
+        ids=ids,
+        sources=sources,
+        models=list(models),
+        datasets=list(datasets),
+        row=np.array(rows, np.int64),
+        model=np.array(mods, np.int64),
+        dataset=np.array(dsets, np.int64),
+        target=np.array(targets, np.float32),
+        files=files,
     )
 
 

@@ -25,20 +25,23 @@ def _text_key(text: str) -> bytes:
 class Embedder:
     """Batch embedding with the int8 ONNX encoder, cached per (encoder hash, max_tokens)."""
 
-    def __init__(self, encoder_path: Path, tokenizer_path: Path, max_tokens: int,
-                 cache_dir: Path | None = CACHE_DIR, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        encoder_path: Path,
+        tokenizer_path: Path,
+        max_tokens: int,
+        cache_dir: Path | None = CACHE_DIR,
+        batch_size: int = 64,
+    ) -> None:
         self.session = make_session(encoder_path, providers=["CPUExecutionProvider"], intra_op_threads=0)
         self.tokenizer = RouterTokenizer(tokenizer_path, max_tokens)
         self.batch_size = batch_size
         self.encoder_sha256 = sha256_file(encoder_path)
-        self.cache_path = (
-            cache_dir / f"{self.encoder_sha256[:16]}-{max_tokens}.npz" if cache_dir is not None else None
-        )
+        self.cache_path = cache_dir / f"{self.encoder_sha256[:16]}-{max_tokens}.npz" if cache_dir is not None else None
 
     def _forward(self, texts: list[str]) -> npt.NDArray[np.float32]:
         enc = self.tokenizer.encode(texts)
-        return self.session.run(["embedding"], {"input_ids": enc.input_ids,
-                                                "attention_mask": enc.attention_mask})[0]
+        return self.session.run(["embedding"], {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})[0]
 
     def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
         """(len(texts), dim) embeddings; texts already in the cache are not recomputed."""
@@ -53,7 +56,7 @@ class Embedder:
             todo = sorted(missing, key=lambda k: len(by_key[k]))  # similar lengths pad little
             t0 = time.perf_counter()
             for start in range(0, len(todo), self.batch_size):
-                chunk = todo[start:start + self.batch_size]
+                chunk = todo[start : start + self.batch_size]
                 for k, v in zip(chunk, self._forward([by_key[k] for k in chunk]), strict=True):
                     cache[k] = v
             log.info("embedded %d new texts in %.1fs", len(todo), time.perf_counter() - t0)
@@ -61,7 +64,10 @@ class Embedder:
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
                 all_keys = list(cache)
                 tmp = self.cache_path.with_suffix(".tmp.npz")
-                np.savez(tmp, keys=np.array([np.frombuffer(k, np.uint8) for k in all_keys]),
-                         vectors=np.stack([cache[k] for k in all_keys]))
+                np.savez(
+                    tmp,
+                    keys=np.array([np.frombuffer(k, np.uint8) for k in all_keys]),
+                    vectors=np.stack([cache[k] for k in all_keys]),
+                )
                 tmp.replace(self.cache_path)
         return np.stack([cache[k] for k in keys]).astype(np.float32)

@@ -9,8 +9,9 @@ F = npt.NDArray[np.float64]
 SHARES = np.linspace(0.0, 1.0, 101)  # share of calls sent to the strong model
 
 
-def routed_quality(score: npt.ArrayLike, q_weak: npt.ArrayLike, q_strong: npt.ArrayLike,
-                   shares: F = SHARES, seed: int = 0) -> F:
+def routed_quality(
+    score: npt.ArrayLike, q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, shares: F = SHARES, seed: int = 0
+) -> F:
     """Mean quality when the top-`share` prompts by `score` go to strong, the rest to weak.
 
     Ties in score are broken at random (seeded), so a constant score is the random router.
@@ -35,8 +36,7 @@ def apgr(curve: F, q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, shares: F = S
     return float(np.trapezoid(pgr(curve, q_weak, q_strong), shares))
 
 
-def cpt(curve: F, q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, target: float,
-        shares: F = SHARES) -> float:
+def cpt(curve: F, q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, target: float, shares: F = SHARES) -> float:
     """Smallest share of strong calls that recovers `target` of the performance gap."""
     ok = np.nonzero(pgr(curve, q_weak, q_strong) >= target - 1e-12)[0]
     return float(shares[ok[0]]) if len(ok) else float("nan")
@@ -99,24 +99,26 @@ def brier(prob: npt.ArrayLike, outcome: npt.ArrayLike) -> float:
     return float(np.mean((np.asarray(prob, np.float64) - np.asarray(outcome, np.float64)) ** 2))
 
 
-def knn_gain(X_train: npt.NDArray[np.float32], gain_train: F, X_test: npt.NDArray[np.float32],
-             k: int = 50) -> F:
+def knn_gain(X_train: npt.NDArray[np.float32], gain_train: F, X_test: npt.NDArray[np.float32], k: int = 50) -> F:
     """k-nearest-neighbour router: mean strong-minus-weak outcome of the k most similar
     training prompts (cosine on the same normalized embeddings the head sees)."""
     out = np.empty(len(X_test), np.float64)
     for start in range(0, len(X_test), 1024):
-        sims = X_test[start:start + 1024] @ X_train.T  # (b, n_train)
+        sims = X_test[start : start + 1024] @ X_train.T  # (b, n_train)
         top = np.argpartition(-sims, min(k, sims.shape[1] - 1), axis=1)[:, :k]
-        out[start:start + 1024] = gain_train[top].mean(axis=1)
+        out[start : start + 1024] = gain_train[top].mean(axis=1)
     return out
 
 
 def quality_at_threshold(p_weak: F, q_weak: F, q_strong: F, threshold: float) -> dict[str, float]:
     """Serving's floor rule on a strong/weak pair: strong when the weak tier's quality is below."""
     strong = p_weak < threshold
-    return {"threshold": threshold, "strong_share": float(strong.mean()),
-            "quality": float(np.where(strong, q_strong, q_weak).mean()),
-            "pgr": float(pgr(np.array([np.where(strong, q_strong, q_weak).mean()]), q_weak, q_strong)[0])}
+    return {
+        "threshold": threshold,
+        "strong_share": float(strong.mean()),
+        "quality": float(np.where(strong, q_strong, q_weak).mean()),
+        "pgr": float(pgr(np.array([np.where(strong, q_strong, q_weak).mean()]), q_weak, q_strong)[0]),
+    }
 
 
 def plot_curves(curves: dict[str, F], q_weak: F, q_strong: F, title: str, path: str) -> None:
@@ -129,8 +131,9 @@ def plot_curves(curves: dict[str, F], q_weak: F, q_strong: F, title: str, path: 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     styles = {"random": ":", "prompt_length": "--", "knn": "-.", "oracle": (0, (1, 1))}
     for name, curve in curves.items():
-        ax.plot(SHARES * 100, curve, linestyle=styles.get(name, "-"), label=name,
-                lw=2 if name.startswith("router") else 1.2)
+        ax.plot(
+            SHARES * 100, curve, linestyle=styles.get(name, "-"), label=name, lw=2 if name.startswith("router") else 1.2
+        )
     ax.axhline(float(np.mean(q_strong)), color="grey", lw=0.6)
     ax.axhline(float(np.mean(q_weak)), color="grey", lw=0.6)
     ax.set_xlabel("calls sent to the strong model (%)")

@@ -315,9 +315,7 @@ def _export_legacy(module: torch.nn.Module, path: Path, opset: int) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # aten::index here indexes the padding mask with aranges: never negative.
-        warnings.filterwarnings(
-            "ignore", message="Exporting aten::index operator", category=UserWarning
-        )
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
         torch.onnx.export(
             module,
             args,
@@ -408,16 +406,12 @@ def check_fp32_export(module: torch.nn.Module, onnx_path: Path, max_tokens: int)
         ids, mask = _example_inputs(batch, seq, seed=batch * 1000 + seq)
         with torch.inference_mode():
             expected = module(ids, mask).numpy()
-        (got,) = session.run(
-            [OUTPUT_NAME], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-        )
+        (got,) = session.run([OUTPUT_NAME], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
         if got.shape != (batch, EMBEDDING_DIM):
             raise RuntimeError(f"fp32 export returned {got.shape} for input {(batch, seq)}")
         worst = max(worst, float(np.abs(got - expected).max()))
     if worst > FP32_MAX_ABS_DIFF:
-        raise RuntimeError(
-            f"fp32 ONNX differs from torch by {worst:.2e} (> {FP32_MAX_ABS_DIFF:.0e})"
-        )
+        raise RuntimeError(f"fp32 ONNX differs from torch by {worst:.2e} (> {FP32_MAX_ABS_DIFF:.0e})")
     return worst
 
 
@@ -489,9 +483,7 @@ def export_encoder(
         int8_path = Path(tmp) / "encoder.onnx"
 
         log.info("exporting fp32 ONNX (opset %d)", opset)
-        st_model = load_sentence_transformer(
-            max_tokens=max_tokens, attn_implementation=EXPORT_ATTN_IMPLEMENTATION
-        )
+        st_model = load_sentence_transformer(max_tokens=max_tokens, attn_implementation=EXPORT_ATTN_IMPLEMENTATION)
         module = build_encoder_module(st_model)
         exporter = export_fp32(module, fp32_path, opset=opset, max_tokens=max_tokens)
         fp32_max_abs_diff = check_fp32_export(module, fp32_path, max_tokens)
@@ -502,12 +494,8 @@ def export_encoder(
 
         log.info("parity on %d prompts", len(texts))
         reference = reference_embeddings(texts, max_tokens)
-        parity_int8 = encoder_parity(
-            int8_path, tokenizer_src, texts, max_tokens, reference=reference
-        )
-        parity_fp32 = encoder_parity(
-            fp32_path, tokenizer_src, texts, max_tokens, reference=reference
-        )
+        parity_int8 = encoder_parity(int8_path, tokenizer_src, texts, max_tokens, reference=reference)
+        parity_fp32 = encoder_parity(fp32_path, tokenizer_src, texts, max_tokens, reference=reference)
         log.info("cosine to sentence-transformers: int8 %s, fp32 %s", parity_int8, parity_fp32)
         if float(parity_int8["mean"]) < MIN_MEAN_COSINE:
             raise EncoderParityError(
@@ -516,9 +504,7 @@ def export_encoder(
             )
 
         inputs, outputs, file_opset = model_io(int8_path)
-        if [i["name"] for i in inputs] != list(INPUT_NAMES) or [o["name"] for o in outputs] != [
-            OUTPUT_NAME
-        ]:
+        if [i["name"] for i in inputs] != list(INPUT_NAMES) or [o["name"] for o in outputs] != [OUTPUT_NAME]:
             raise RuntimeError(f"unexpected graph signature: {inputs} -> {outputs}")
 
         record: dict[str, Any] = {
@@ -623,14 +609,16 @@ def head_graph(weight: np.ndarray, bias: np.ndarray, opset: int = 17) -> onnx.Mo
         helper.make_node("Squeeze", ["d2", "axis1"], ["difficulty"]),
     ]
     graph = helper.make_graph(
-        nodes, "router_head",
+        nodes,
+        "router_head",
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
-        [helper.make_tensor_value_info("ability", TensorProto.FLOAT, ["batch", m1 - 1]),
-         helper.make_tensor_value_info("difficulty", TensorProto.FLOAT, ["batch"])],
+        [
+            helper.make_tensor_value_info("ability", TensorProto.FLOAT, ["batch", m1 - 1]),
+            helper.make_tensor_value_info("difficulty", TensorProto.FLOAT, ["batch"]),
+        ],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="tier-router")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tier-router")
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -656,9 +644,7 @@ def export_head(head: Any, path: Path, X_check: np.ndarray) -> float:
 
 def _cmd_encoder(args: argparse.Namespace) -> int:
     try:
-        record = export_encoder(
-            args.out, max_tokens=args.max_tokens, opset=args.opset, data_dir=args.data_dir
-        )
+        record = export_encoder(args.out, max_tokens=args.max_tokens, opset=args.opset, data_dir=args.data_dir)
     except EncoderParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -678,18 +664,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     enc.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     enc.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    enc.add_argument(
-        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder with the parity JSONL files"
-    )
+    enc.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder with the parity JSONL files")
     enc.set_defaults(handler=_cmd_encoder)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     # Root stays at WARNING: onnxruntime.quantization logs one INFO line per tensor to it.
-    logging.basicConfig(
-        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
     args = _parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler

@@ -1,13 +1,14 @@
-"""`python -m training fit`: embed the shared data, fit the head, check it on held-out prompts, write models/<version>/."""
+"""`python -m training fit`: embed the shared data, fit the head, check it on held-out prompts, write a version."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import shutil
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,14 @@ from training import data as D
 from training import evaluate as E
 from training.embed import Embedder
 from training.export import export_head
-from training.model import Terms, WinRateHead
+from training.model import HEAD_FIELDS, HeadConfig, Terms, WinRateHead
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
-class FitConfig:
+class FitConfig(HeadConfig):
     """Everything that decides the result; logged whole with the run and in the manifest."""
 
     datasets: list[str] = field(default_factory=lambda: ["mmlu", "alpaca_eval", "alpaca_eval_binary"])
@@ -38,11 +39,6 @@ class FitConfig:
     set_default: bool = True  # point <models_dir>/DEFAULT at the new version
     k_folds: int = 10  # prompts are split into k folds by a hash of their text ...
     holdout_fold: int = 0  # ... and this one is never trained on; its figures go in the manifest
-    rank: int = 32  # chosen on held-out fold 0 among 16/32/64/128 (see the issue notes)
-    l2: float = 1e-3
-    steps: int = 400
-    lr: float = 0.01
-    seed: int = 0
     limit: int | None = None  # first rows per file only (tests)
     track: bool = True  # an MLflow run per fit, and the version registered (training.tracking)
 
@@ -58,8 +54,9 @@ def build_terms(data: D.RoutingData) -> Terms:
     return Terms(data.row, data.model, data.dataset, data.target, compare, reference, len(data.models))
 
 
-def mmlu_routing_figures(data: D.RoutingData, head: WinRateHead, X: np.ndarray,
-                         rows: np.ndarray, train_rows: np.ndarray) -> dict[str, Any]:
+def mmlu_routing_figures(
+    data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, train_rows: np.ndarray
+) -> dict[str, Any]:
     """Strong/weak routing on held-out MMLU prompts, beside the baselines."""
     mrows, models, mat = data.outcome_matrix("mmlu")
     keep = np.isin(mrows, rows)
@@ -108,13 +105,16 @@ def length_baseline_logloss(data: D.RoutingData, terms: Terms, train: np.ndarray
     return out  # type: ignore[return-value]
 
 
-def heldout_metrics(data: D.RoutingData, terms: Terms, head: WinRateHead, X: np.ndarray,
-                    fold: np.ndarray, cfg: FitConfig) -> dict[str, Any]:
+def heldout_metrics(
+    data: D.RoutingData, terms: Terms, head: WinRateHead, X: np.ndarray, fold: np.ndarray, cfg: FitConfig
+) -> dict[str, Any]:
     test_rows = np.nonzero(fold == cfg.holdout_fold)[0]
     row_test = np.isin(terms.row, test_rows)
     p = head.term_probability(X, terms)
-    metrics: dict[str, Any] = {"split": f"fold {cfg.holdout_fold} of {cfg.k_folds} by prompt hash",
-                               "heldout_prompts": int(len(test_rows))}
+    metrics: dict[str, Any] = {
+        "split": f"fold {cfg.holdout_fold} of {cfg.k_folds} by prompt hash",
+        "heldout_prompts": int(len(test_rows)),
+    }
     base = length_baseline_logloss(data, terms, ~row_test, row_test)
     for d, name in enumerate(data.datasets):
         sel = row_test & (terms.dataset == d)
@@ -149,8 +149,15 @@ def result_hash(cfg: FitConfig, data: D.RoutingData, encoder_meta: dict[str, Any
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def write_version(cfg: FitConfig, data: D.RoutingData, head: WinRateHead, X: np.ndarray,
-                  metrics: dict[str, Any], encoder_meta: dict[str, Any], run_id: str | None) -> Path:
+def write_version(
+    cfg: FitConfig,
+    data: D.RoutingData,
+    head: WinRateHead,
+    X: np.ndarray,
+    metrics: dict[str, Any],
+    encoder_meta: dict[str, Any],
+    run_id: str | None,
+) -> Path:
     version = cfg.version or f"{dt.date.today():%Y%m%d}-{result_hash(cfg, data, encoder_meta)[:8]}"
     out = Path(cfg.models_dir) / version
     tmp = out.with_name(out.name + ".tmp")
@@ -160,29 +167,40 @@ def write_version(cfg: FitConfig, data: D.RoutingData, head: WinRateHead, X: np.
     for name in ("encoder.onnx", "tokenizer.json"):
         shutil.copy2(enc_dir / name, tmp / name)
     parity = export_head(head, tmp / "head.onnx", X[: min(len(X), 2048)])
-    licenses = {
-        f"encoder {part} ({info['from']})": info["license"]
-        for part, info in encoder_meta["licenses"].items()
-    }
+    licenses = {f"encoder {part} ({info['from']})": info["license"] for part, info in encoder_meta["licenses"].items()}
     licenses |= {f"data {f['file']}": str(f["license"]) for f in data.files}
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": version,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "encoder": {
-            "name": encoder_meta["name"], "file": "encoder.onnx", "tokenizer": "tokenizer.json",
-            "sha256": sha256_file(tmp / "encoder.onnx"), "dim": int(X.shape[1]),
-            "max_tokens": int(encoder_meta["max_tokens"]), "source": encoder_meta.get("source"),
-            "pooling": "mean", "normalized": True, "parity": encoder_meta.get("parity"),
+            "name": encoder_meta["name"],
+            "file": "encoder.onnx",
+            "tokenizer": "tokenizer.json",
+            "sha256": sha256_file(tmp / "encoder.onnx"),
+            "dim": int(X.shape[1]),
+            "max_tokens": int(encoder_meta["max_tokens"]),
+            "source": encoder_meta.get("source"),
+            "pooling": "mean",
+            "normalized": True,
+            "parity": encoder_meta.get("parity"),
         },
         "head": {
-            "kind": "mf-bradley-terry", "file": "head.onnx", "sha256": sha256_file(tmp / "head.onnx"),
-            "input_dim": int(X.shape[1]), "models": data.models, "rank": cfg.rank,
+            "kind": "mf-bradley-terry",
+            "file": "head.onnx",
+            "sha256": sha256_file(tmp / "head.onnx"),
+            "input_dim": int(X.shape[1]),
+            "models": data.models,
+            "rank": cfg.rank,
             "judge_offsets": dict(zip(data.datasets, head.offset_.tolist(), strict=True)),
             "parity_max_abs_diff": parity,
         },
-        "training": {"config": portable_config(cfg), "data": data.files, "data_sha256": D.data_hash(data.files),
-                     "train_loss": head.train_loss_},
+        "training": {
+            "config": portable_config(cfg),
+            "data": data.files,
+            "data_sha256": D.data_hash(data.files),
+            "train_loss": head.train_loss_,
+        },
         "licenses": licenses,
         "metrics": metrics,
         "mlflow_run_id": run_id,
@@ -211,7 +229,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     # 3. split by prompt hash and fit on the training folds only
     fold = D.folds(data.prompts, cfg.k_folds)
     train = fold[terms.row] != cfg.holdout_fold
-    head = WinRateHead(rank=cfg.rank, l2=cfg.l2, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed)
+    head = cfg.make_head()
     head.fit(X, terms.subset(train))
 
     # 4. held-out figures beside baselines, then export with a parity check
@@ -229,24 +247,33 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         run.log_artifact(out, "model")
         registry_version = tracking.register(run.run_id, "model", out.name, "models/" + out.name)
     log.info("registered %s as %s version %s", out.name, tracking.REGISTERED_MODEL, registry_version)
-    return {"out_dir": str(out), "metrics": metrics, "mlflow_run_id": run.run_id,
-            "registry_version": registry_version}
+    return {"out_dir": str(out), "metrics": metrics, "mlflow_run_id": run.run_id, "registry_version": registry_version}
+
+
+def arg_type(cls: type, name: str) -> type:
+    """The scalar type of a config dataclass field, for argparse (`int | None` -> int)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = FitConfig()
     p = argparse.ArgumentParser(prog="python -m training fit", description=__doc__)
-    p.add_argument("--datasets", default=",".join(defaults.datasets),
-                   help="comma-separated: mmlu, alpaca_eval, alpaca_eval_binary "
-                        "('mmlu' alone gives a permissively licensed head)")
+    p.add_argument(
+        "--datasets",
+        default=",".join(defaults.datasets),
+        help="comma-separated: mmlu, alpaca_eval, alpaca_eval_binary ('mmlu' alone gives a permissively licensed head)",
+    )
     p.add_argument("--no-track", dest="track", action="store_false", help="skip MLflow")
-    p.add_argument("--no-set-default", dest="set_default", action="store_false",
-                   help="do not point models/DEFAULT at the new version")
-    for name in ("data_dir", "encoder_dir", "models_dir", "version", "k_folds", "holdout_fold",
-                 "rank", "l2", "steps", "lr", "seed", "limit"):
-        default = getattr(defaults, name)
-        kind = type(default) if default is not None else int
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+    p.add_argument(
+        "--no-set-default",
+        dest="set_default",
+        action="store_false",
+        help="do not point models/DEFAULT at the new version",
+    )
+    for name in ("data_dir", "encoder_dir", "models_dir", "version", "k_folds", "holdout_fold", *HEAD_FIELDS, "limit"):
+        p.add_argument("--" + name.replace("_", "-"), type=arg_type(FitConfig, name), default=getattr(defaults, name))
     args = vars(p.parse_args(argv))
     args["datasets"] = [d for d in args["datasets"].split(",") if d]
     result = fit(FitConfig(**args))

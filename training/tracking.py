@@ -97,7 +97,10 @@ def register(run_id: str, artifact_path: str, version: str, description: str = "
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     mv = client.create_model_version(
-        REGISTERED_MODEL, source=source, run_id=run_id,
-        tags={"manifest_version": version}, description=description,
+        REGISTERED_MODEL,
+        source=source,
+        run_id=run_id,
+        tags={"manifest_version": version},
+        description=description,
     )
     return str(mv.version)

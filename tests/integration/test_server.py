@@ -21,7 +21,8 @@ PROMPTS = [
     "What is the capital of Australia?",
     "Prove that there are infinitely many primes, then generalize the argument to primes of the form 4k+3.",
     "Write a haiku about autumn.",
-    "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:",
+    "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\n"
+    "A. 0\nB. 4\nC. 2\nD. 6\nAnswer:",
 ]
 
 

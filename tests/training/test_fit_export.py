@@ -21,8 +21,13 @@ from training.model import WinRateHead  # noqa: E402
 
 def test_small_fit_writes_a_servable_self_describing_version(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    cfg = FitConfig(data_dir=str(require_data()), models_dir=str(tmp_path), limit=60, steps=30,
-                    encoder_dir=str(MODELS / "encoder" / "all-MiniLM-L6-v2-int8"))
+    cfg = FitConfig(
+        data_dir=str(require_data()),
+        models_dir=str(tmp_path),
+        limit=60,
+        steps=30,
+        encoder_dir=str(MODELS / "encoder" / "all-MiniLM-L6-v2-int8"),
+    )
     out = fit(cfg)
     version_dir = tmp_path / (tmp_path / "DEFAULT").read_text().strip()
     assert out["out_dir"] == str(version_dir)
@@ -33,8 +38,11 @@ def test_small_fit_writes_a_servable_self_describing_version(tmp_path, monkeypat
     assert {f["name"] for f in manifest["training"]["data"]} == {"mmlu", "alpaca_eval", "alpaca_eval_binary"}
     assert "log_loss_prompt_length" in manifest["metrics"]["mmlu"]
     model = load_model(version_dir, device="cpu")
-    profile = Profile(name="p", threshold=0.5, tiers=(Tier(name="weak", model="mixtral-8x7b-instruct-v0.1"),
-                                                      Tier(name="strong", model="gpt-4-1106-preview")))
+    profile = Profile(
+        name="p",
+        threshold=0.5,
+        tiers=(Tier(name="weak", model="mixtral-8x7b-instruct-v0.1"), Tier(name="strong", model="gpt-4-1106-preview")),
+    )
     (r,) = RoutingEngine(model).route_batch([RouteQuery("What is 2 + 2?", profile)])
     assert r.model_version == manifest["version"] and len(r.quality) == 2
     # tracked: the run holds the config, the figures and the files; the version is registered

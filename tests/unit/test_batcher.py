@@ -30,8 +30,9 @@ class EchoEngine:
 
 
 async def started(engine, **kw):
-    b = MicroBatcher(engine.route_batch, max_batch_size=kw.get("max_batch_size", 32),
-                     max_queue=kw.get("max_queue", 1000))
+    b = MicroBatcher(
+        engine.route_batch, max_batch_size=kw.get("max_batch_size", 32), max_queue=kw.get("max_queue", 1000)
+    )
     b.start()
     return b
 

@@ -1,5 +1,5 @@
-from training import data as D
 from tests.conftest import require_data
+from training import data as D
 
 
 def test_folds_follow_normalized_prompt_text():

@@ -15,8 +15,9 @@ def pair():
 
 def test_random_router_apgr_is_one_half(pair):
     q_weak, q_strong = pair
-    apgrs = [E.router_figures(np.random.default_rng(100 + s).random(len(q_weak)), q_weak, q_strong)["apgr"]
-             for s in range(5)]
+    apgrs = [
+        E.router_figures(np.random.default_rng(100 + s).random(len(q_weak)), q_weak, q_strong)["apgr"] for s in range(5)
+    ]
     assert abs(np.mean(apgrs) - 0.5) < 0.02
 
 

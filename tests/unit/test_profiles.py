@@ -47,10 +47,14 @@ def test_unknown_model_is_named_with_its_key(tmp_path):
         ('[profiles.x]\nthreshold = 1.5\ntiers = [{name="a", model="m"}]\n', r"profiles\.x\.threshold"),
         ("[profiles.x]\nthreshold = 0.5\ntiers = []\n", r"profiles\.x\.tiers"),
         ('[profiles.x]\ntiers = [{name="a", model="m"}]\n', r"profiles\.x\.threshold: Field required"),
-        ('[profiles.x]\nthreshold = 0.5\ntiers = [{name="a", model="m"}, {name="a", model="n"}]\n',
-         "tier names must be unique"),
-        ('[profiles.x]\nthreshold = 0.5\nthreshhold = 0.4\ntiers = [{name="a", model="m"}]\n',
-         r"profiles\.x\.threshhold: Extra inputs"),
+        (
+            '[profiles.x]\nthreshold = 0.5\ntiers = [{name="a", model="m"}, {name="a", model="n"}]\n',
+            "tier names must be unique",
+        ),
+        (
+            '[profiles.x]\nthreshold = 0.5\nthreshhold = 0.4\ntiers = [{name="a", model="m"}]\n',
+            r"profiles\.x\.threshhold: Extra inputs",
+        ),
     ],
 )
 def test_bad_files_are_rejected_naming_file_and_key(tmp_path, text, match):

@@ -52,8 +52,7 @@ def test_sigmoid_does_not_overflow():
 
 
 @given(
-    arrays(np.float32, st.tuples(st.integers(1, 20), st.integers(1, 5)),
-           elements=st.floats(0, 1, width=32)),
+    arrays(np.float32, st.tuples(st.integers(1, 20), st.integers(1, 5)), elements=st.floats(0, 1, width=32)),
     st.floats(0, 1),
 )
 def test_decision_invariants(quality, threshold):
