@@ -197,6 +197,7 @@ def evaluate_pair(
     scores = {"router_gain": p_strong - p_weak, "router_floor": 1.0 - p_weak, "router_win": win}
     scores |= {"knn": knn} | E.baseline_scores(q_weak, q_strong, lengths, cfg.seed)
     curves = {name: E.routed_quality(s, q_weak, q_strong) for name, s in scores.items()}
+    curves["random"] = E.random_curve(q_weak, q_strong, seed=cfg.seed)
     figures = {
         name: {
             "apgr": E.apgr(c, q_weak, q_strong),
@@ -238,7 +239,11 @@ def evaluate_pair(
         "routers": figures,
         "per_group_apgr": per_group,
         "calibration": calibration,
-        "at_profile_threshold": E.quality_at_threshold(p_weak, q_weak, q_strong, threshold),
+        # serving's floor rule reads the weak tier's quality as served: sigmoid(ability - difficulty)
+        "at_profile_threshold": E.quality_at_threshold(
+            sigmoid(pred.ability[rows, data.models.index(weak)] - pred.difficulty[rows]).astype(np.float64),
+            q_weak, q_strong, threshold,
+        ),
         "plot": plot_path.name,
     }
 

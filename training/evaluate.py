@@ -51,6 +51,14 @@ def router_figures(score: npt.ArrayLike, q_weak: npt.ArrayLike, q_strong: npt.Ar
     }
 
 
+def random_curve(q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, draws: int = 50, seed: int = 0) -> F:
+    """The random router's expected curve: the mean over `draws` seeded random orders
+    (its APGR converges to 0.5; one draw on 800 prompts can land at 0.46 or 0.53)."""
+    n = len(np.asarray(q_weak))
+    rng = np.random.default_rng(seed)
+    return np.mean([routed_quality(rng.random(n), q_weak, q_strong) for _ in range(draws)], axis=0)
+
+
 def baseline_scores(q_weak: F, q_strong: F, lengths: F, seed: int = 0) -> dict[str, F]:
     """Scores of the reference routers: random, prompt length (longer goes strong), oracle."""
     return {
