@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger(__name__)
 
 
 class ProfileError(ValueError):
@@ -80,14 +83,18 @@ def load_profiles(path: Path, known_models: Iterable[str] | None = None) -> dict
             loc = ".".join(str(p) for p in err["loc"])
             raise ProfileError(f"{path}: profiles.{name}.{loc}: {err['msg']}") from e
         if known is not None:
-            for i, tier in enumerate(profile.tiers):
-                if tier.model not in known:
-                    raise ProfileError(
-                        f"{path}: profiles.{name}.tiers.{i}.model: unknown model "
-                        f"{tier.model!r}; the router model knows {sorted(known)}"
-                    )
+            check_models(path, profile, known)
         profiles[name] = profile
     return profiles
+
+
+def check_models(path: Path, profile: Profile, known: set[str]) -> None:
+    for i, tier in enumerate(profile.tiers):
+        if tier.model not in known:
+            raise ProfileError(
+                f"{path}: profiles.{profile.name}.tiers.{i}.model: unknown model "
+                f"{tier.model!r}; the router model knows {sorted(known)}"
+            )
 
 
 class UnknownProfile(KeyError):
@@ -115,4 +122,18 @@ class ProfileSet:
 
     @classmethod
     def load(cls, path: Path, default: str, known_models: Iterable[str] | None = None) -> ProfileSet:
-        return cls(load_profiles(path, known_models), default, path)
+        """Load a profiles file. With `known_models`, the default profile must use only known
+        models (else ProfileError); other profiles that name an unknown model are left out with
+        a warning, so one file can serve model versions that know different models."""
+        profiles = load_profiles(path)
+        if known_models is not None:
+            known = set(known_models)
+            for name in list(profiles):
+                try:
+                    check_models(path, profiles[name], known)
+                except ProfileError as e:
+                    if name == default:
+                        raise
+                    log.warning("profile %r left out: %s", name, e)
+                    del profiles[name]
+        return cls(profiles, default, path)

@@ -67,3 +67,11 @@ def test_bad_files_are_rejected_naming_file_and_key(tmp_path, text, match):
 def test_missing_file(tmp_path):
     with pytest.raises(ProfileError, match="cannot read"):
         load_profiles(tmp_path / "absent.toml")
+
+
+def test_profile_set_leaves_out_profiles_with_unknown_models_but_not_the_default():
+    mmlu_only = ["mixtral-8x7b-instruct-v0.1", "gpt-4-1106-preview"]
+    ps = ProfileSet.load(PROFILES, "routellm-pair", mmlu_only)
+    assert list(ps.profiles) == ["routellm-pair"]
+    with pytest.raises(ProfileError, match=r"profiles\.default\.tiers\.0\.model: unknown model"):
+        ProfileSet.load(PROFILES, "default", mmlu_only)
