@@ -56,5 +56,5 @@ def cheapest_clearing_floor(quality: FloatArray, threshold: float) -> Decisions:
     last = quality.shape[1] - 1
     idx = np.where(any_clears, clears.argmax(axis=1), last).astype(np.int64)
     confidence = quality[np.arange(len(idx)), idx]
-    reason = [REASON_CLASSIFIER if ok else REASON_FALLBACK for ok in any_clears.tolist()]
+    reason: list[str] = np.where(any_clears, REASON_CLASSIFIER, REASON_FALLBACK).tolist()
     return Decisions(tier_index=idx, confidence=confidence, reason=reason)

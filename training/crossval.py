@@ -194,7 +194,8 @@ def evaluate_pair(
             tr, gain = all_rows[keep], (all_qs - all_qw)[keep]
         knn[test] = E.knn_gain(X[tr], gain, X[rows[test]], cfg.knn_k)
 
-    scores = {"router_gain": p_strong - p_weak, "router_floor": 1.0 - p_weak, "router_win": win}
+    scores: dict[str, npt.NDArray[np.float64]] = {
+        "router_gain": p_strong - p_weak, "router_floor": 1.0 - p_weak, "router_win": win.astype(np.float64)}
     scores |= {"knn": knn} | E.baseline_scores(q_weak, q_strong, lengths, cfg.seed)
     curves = {name: E.routed_quality(s, q_weak, q_strong) for name, s in scores.items()}
     curves["random"] = E.random_curve(q_weak, q_strong, seed=cfg.seed)

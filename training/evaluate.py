@@ -27,7 +27,7 @@ def routed_quality(
 
 def pgr(curve: F, q_weak: npt.ArrayLike, q_strong: npt.ArrayLike) -> F:
     """Performance gap recovered at each share: 0 = weak alone, 1 = strong alone."""
-    lo, hi = float(np.mean(q_weak)), float(np.mean(q_strong))
+    lo, hi = float(np.mean(np.asarray(q_weak, np.float64))), float(np.mean(np.asarray(q_strong, np.float64)))
     return (curve - lo) / (hi - lo)
 
 
@@ -59,10 +59,11 @@ def random_curve(q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, draws: int = 50
     return np.mean([routed_quality(rng.random(n), q_weak, q_strong) for _ in range(draws)], axis=0)
 
 
-def baseline_scores(q_weak: F, q_strong: F, lengths: F, seed: int = 0) -> dict[str, F]:
+def baseline_scores(q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, lengths: npt.ArrayLike,
+                    seed: int = 0) -> dict[str, F]:
     """Scores of the reference routers: random, prompt length (longer goes strong), oracle."""
     return {
-        "random": np.random.default_rng(seed).random(len(q_weak)),
+        "random": np.random.default_rng(seed).random(len(np.asarray(q_weak))),
         "prompt_length": np.asarray(lengths, np.float64),
         "oracle": np.asarray(q_strong, np.float64) - np.asarray(q_weak, np.float64),
     }

@@ -86,7 +86,7 @@ def length_baseline_logloss(data: D.RoutingData, terms: Terms, train: np.ndarray
     from sklearn.linear_model import LogisticRegression
 
     loglen = np.log1p([len(p) for p in data.prompts])[:, None]
-    out: dict[str, list[float]] = {}
+    out: dict[str, float] = {}
     for d, name in enumerate(data.datasets):
         losses, weights = [], []
         for m in np.unique(terms.model[terms.dataset == d]):
@@ -102,7 +102,7 @@ def length_baseline_logloss(data: D.RoutingData, terms: Terms, train: np.ndarray
             losses.append(E.log_loss(p, terms.target[te]))
             weights.append(te.sum())
         out[name] = float(np.average(losses, weights=weights))
-    return out  # type: ignore[return-value]
+    return out
 
 
 def heldout_metrics(

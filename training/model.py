@@ -156,7 +156,7 @@ class WinRateHead:
                 loss.backward()
                 return loss
 
-            opt.step(closure)
+            opt.step(closure)  # type: ignore[arg-type]  # LBFGS closures return the loss tensor
         elif self.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=self.lr)
             for _ in range(self.steps):
