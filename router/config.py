@@ -62,4 +62,9 @@ class Settings(BaseSettings):
     grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM/SIGINT, time given to in-flight calls to finish."
     )
+    metrics_port: int = Field(
+        9464, ge=-1, le=65535,
+        description="Port of the Prometheus /metrics endpoint (on host); 0 picks a free port, "
+        "-1 disables it.",
+    )
     log_level: str = Field("INFO", description="Python logging level.")

@@ -1,4 +1,4 @@
-"""build_server(settings) wires everything; serve() runs it with health, reflection and signals."""
+"""build_server(settings) wires everything; serve() runs it with metrics, health and signals."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from router.artifacts import load_model
 from router.batcher import MicroBatcher
 from router.config import Settings
 from router.engine import RouteQuery, RouteResult, RoutingEngine
+from router.metrics import start_metrics_server
 from router.profiles import ProfileSet
 from router.service import ErrorInterceptor, RouterServicer
 from router.v1 import router_pb2, router_pb2_grpc
@@ -97,6 +98,7 @@ def build_server(settings: Settings) -> RouterServer:
 
 async def serve(settings: Settings) -> None:
     server = build_server(settings)
+    metrics = start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,4 +107,6 @@ async def serve(settings: Settings) -> None:
     await stopping.wait()
     log.info("signal received: finishing in-flight calls (grace %.1fs)", settings.grace_seconds)
     await server.stop()
+    if metrics is not None:
+        metrics.close()
     log.info("stopped")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -13,6 +15,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from router import metrics
 from router.batcher import MicroBatcher, Overloaded, ShuttingDown
 from router.engine import RouteQuery, RouteResult
 from router.profiles import ProfileSet, UnknownProfile
@@ -21,6 +24,7 @@ from router.v1 import router_pb2, router_pb2_grpc
 log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 256  # workflow, tenant, request_id, profile
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
@@ -236,7 +240,8 @@ Handler = TypeVar("Handler")
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps domain errors through STATUS_FOR; anything else is logged with its traceback
-    and answered INTERNAL. Undecodable requests become INVALID_ARGUMENT naming the field."""
+    and answered INTERNAL. Undecodable requests become INVALID_ARGUMENT naming the field.
+    Router RPCs are timed and counted by status code (router.metrics)."""
 
     async def intercept_service(
         self,
@@ -248,8 +253,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler  # streaming methods (health Watch, reflection) pass through
         inner = handler.unary_unary
         method = handler_call_details.method
+        service, _, short_name = method.lstrip("/").rpartition("/")
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def answer(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             try:
@@ -263,8 +269,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")
                 await context.abort(code, _error_text(e))
 
+        async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code: grpc.StatusCode | None = None
+            try:
+                return await answer(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                code = code or context.code() or grpc.StatusCode.OK  # abort() has set it
+                metrics.observe_rpc(short_name, code.name, time.perf_counter() - start)
+
         return grpc.unary_unary_rpc_method_handler(
-            guarded,
+            timed if service == ROUTER_SERVICE else answer,  # health and reflection untimed
             request_deserializer=_lenient_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 
 
 def test_serve_process_answers_client_and_stops_on_sigterm():
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "ROUTER_INTRA_OP_THREADS": "1"}
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "ROUTER_INTRA_OP_THREADS": "1", "ROUTER_METRICS_PORT": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "router", "serve", "--port", "0", "--device", "cpu"],
         cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,

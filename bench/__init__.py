@@ -1,0 +1,1 @@
+"""The latency benchmark (`make bench`, `python -m bench`): the real server over loopback."""
