@@ -102,16 +102,20 @@ def providers_for(device: Literal["auto", "cpu", "cuda"]) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(path: Path, *, providers: list[str], intra_op_threads: int) -> ort.InferenceSession:
+def make_session(path: Path | bytes, *, providers: list[str], intra_op_threads: int) -> ort.InferenceSession:
+    """An ORT session with the project's settings, from a file or serialized model bytes."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = intra_op_threads  # 0 = ORT's default, one per physical core
     opts.inter_op_num_threads = 1  # the graphs are sequential; extra pools only contend
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        return ort.InferenceSession(
+            path if isinstance(path, bytes) else str(path), sess_options=opts, providers=providers
+        )
     except Exception as e:  # ORT raises several unrelated types for a bad file
-        raise ArtifactError(f"{path}: onnxruntime cannot load it: {e}") from e
+        where = "<in-memory model>" if isinstance(path, bytes) else path
+        raise ArtifactError(f"{where}: onnxruntime cannot load it: {e}") from e
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,10 @@ def evaluate_pair(
         knn[test] = E.knn_gain(X[tr], gain, X[rows[test]], cfg.knn_k)
 
     scores: dict[str, npt.NDArray[np.float64]] = {
-        "router_gain": p_strong - p_weak, "router_floor": 1.0 - p_weak, "router_win": win.astype(np.float64)}
+        "router_gain": p_strong - p_weak,
+        "router_floor": 1.0 - p_weak,
+        "router_win": win.astype(np.float64),
+    }
     scores |= {"knn": knn} | E.baseline_scores(q_weak, q_strong, lengths, cfg.seed)
     curves = {name: E.routed_quality(s, q_weak, q_strong) for name, s in scores.items()}
     curves["random"] = E.random_curve(q_weak, q_strong, seed=cfg.seed)
@@ -243,7 +246,9 @@ def evaluate_pair(
         # serving's floor rule reads the weak tier's quality as served: sigmoid(ability - difficulty)
         "at_profile_threshold": E.quality_at_threshold(
             sigmoid(pred.ability[rows, data.models.index(weak)] - pred.difficulty[rows]).astype(np.float64),
-            q_weak, q_strong, threshold,
+            q_weak,
+            q_strong,
+            threshold,
         ),
         "plot": plot_path.name,
     }

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from router.artifacts import sha256_file
+
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # What an outcome score means in each file, i.e. what the model's answer is compared with.
@@ -75,10 +77,6 @@ class RoutingData:
         for r, m, y in zip(self.row[sel], self.model[sel], self.target[sel], strict=True):
             mat[pos[int(r)], col[int(m)]] = y
         return rows, [self.models[m] for m in model_ids], mat
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_jsonl(path: Path) -> list[dict[str, object]]:

@@ -59,8 +59,9 @@ def random_curve(q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, draws: int = 50
     return np.mean([routed_quality(rng.random(n), q_weak, q_strong) for _ in range(draws)], axis=0)
 
 
-def baseline_scores(q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, lengths: npt.ArrayLike,
-                    seed: int = 0) -> dict[str, F]:
+def baseline_scores(
+    q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, lengths: npt.ArrayLike, seed: int = 0
+) -> dict[str, F]:
     """Scores of the reference routers: random, prompt length (longer goes strong), oracle."""
     return {
         "random": np.random.default_rng(seed).random(len(np.asarray(q_weak))),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import importlib.metadata
 import importlib.resources
 import json
@@ -24,6 +23,8 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 from tokenizers import Tokenizer
+
+from router.artifacts import make_session, sha256_file
 
 if TYPE_CHECKING:  # heavy, training-only imports stay out of module import time
     import torch
@@ -91,14 +92,6 @@ class EncoderParityError(RuntimeError):
 def encoder_package_dir() -> Path:
     """The sentence-transformers model folder shipped inside the PyPI package."""
     return Path(str(importlib.resources.files(ENCODER_PACKAGE) / "model"))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cosine_stats(a: Embeddings, b: Embeddings) -> dict[str, float | int]:
@@ -172,17 +165,9 @@ def load_tokenizer(tokenizer_path: Path, max_tokens: int) -> Tokenizer:
     return tokenizer
 
 
-def ort_session(
-    onnx_path: Path,
-    *,
-    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    threads: int = ORT_THREADS,
-) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1  # one sequential graph: extra inter-op threads only contend
-    options.graph_optimization_level = level
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+def ort_session(onnx_path: Path, *, threads: int = ORT_THREADS) -> ort.InferenceSession:
+    # the serving session settings (router.artifacts), so parity is measured as served
+    return make_session(onnx_path, providers=["CPUExecutionProvider"], intra_op_threads=threads)
 
 
 def onnx_embeddings(
@@ -626,10 +611,9 @@ def head_graph(weight: np.ndarray, bias: np.ndarray, opset: int = 17) -> onnx.Mo
 def export_head(head: Any, path: Path, X_check: np.ndarray) -> float:
     """Write head.onnx; refuse (raise, write nothing) if ONNX Runtime disagrees with the
     trained head on `X_check`. Returns the max absolute difference over both outputs."""
-    import onnxruntime as ort
 
     model = head_graph(head.weight_, head.bias_)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(model.SerializeToString(), providers=["CPUExecutionProvider"], intra_op_threads=1)
     ability, difficulty = sess.run(["ability", "difficulty"], {"embedding": X_check.astype(np.float32)})
     want_a, want_d = head.logits(X_check)
     diff = float(max(np.abs(ability - want_a).max(), np.abs(difficulty - want_d).max()))
