@@ -13,6 +13,8 @@ from router.profiles import Profile
 from router.scoring import calculate_strong_win_rate, cheapest_clearing_floor, tier_quality
 from router.tokenizer import Keep
 
+PAD_RATIO = 1.3  # longest / shortest prompt in one encoder run
+
 
 @dataclass(frozen=True, slots=True)
 class RouteQuery:
@@ -61,7 +63,11 @@ class RoutingEngine:
         npt.NDArray[np.float32], npt.NDArray[np.int64]
     ]:
         """Embeddings (B, dim) and token counts (B,), in sub-batches of similar length so
-        padding stays small and no forward pass exceeds max_batch_tokens."""
+        padding stays small and no forward pass exceeds max_batch_tokens.
+
+        A sub-batch ends where the next prompt is more than PAD_RATIO times longer than its
+        shortest: encoder cost grows with padded tokens, and an extra ORT run costs about as
+        much as two tokens, so splitting is nearly free (see docs/benchmarks.md)."""
         enc = self.model.tokenizer.encode(texts, keep)
         order = np.argsort(enc.lengths, kind="stable")
         out = np.empty((len(texts), self.model.manifest.encoder.dim), np.float32)
@@ -69,7 +75,12 @@ class RoutingEngine:
         while start < len(order):
             # Grow the chunk while (rows x longest row) fits the token budget.
             stop = start + 1
-            while stop < len(order) and (stop - start + 1) * enc.lengths[order[stop]] <= self.max_batch_tokens:
+            shortest = enc.lengths[order[start]]
+            while (
+                stop < len(order)
+                and (stop - start + 1) * enc.lengths[order[stop]] <= self.max_batch_tokens
+                and enc.lengths[order[stop]] <= PAD_RATIO * shortest
+            ):
                 stop += 1
             rows = order[start:stop]
             width = int(enc.lengths[rows].max())
