@@ -265,6 +265,29 @@ def measure_route_batch(stub: router_pb2_grpc.RouterStub, prompts: Sequence[str]
             "latency": summarize(times)}
 
 
+def soak(server: ServerProcess, prompts: Sequence[str], total: int, size: int) -> dict[str, Any]:
+    """`total` decisions through sequential RouteBatch calls of `size` prompts, the server's
+    resident memory sampled every tenth of the way: does it grow?"""
+    cycle = itertools.cycle(prompts)
+    batches = [router_pb2.RouteBatchRequest(
+        requests=[router_pb2.RouteRequest(prompt=next(cycle)) for _ in range(size)])
+        for _ in range(max(1, len(prompts) // size))]
+    samples = [(0, round(server.rss_mib(), 1))]
+    done, step, start = 0, max(size, total // 10), time.perf_counter()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        for i in itertools.count():
+            if done >= total:
+                break
+            stub.RouteBatch(batches[i % len(batches)])
+            done += size
+            if done // step > (done - size) // step:
+                samples.append((done, round(server.rss_mib(), 1)))
+    half = samples[len(samples) // 2][1]
+    return {"decisions": done, "batch": size, "wall_s": round(time.perf_counter() - start, 1),
+            "rss_mib": samples, "growth_second_half_mib": round(samples[-1][1] - half, 1)}
+
+
 def transport_floor(channel: grpc.Channel, counts: dict[str, int]) -> dict[str, float]:
     """An empty unary call (Health.Check) on the same channel: gRPC + loopback, no routing."""
     check = health_pb2_grpc.HealthStub(channel).Check
@@ -339,6 +362,9 @@ def run(args: argparse.Namespace, counts: dict[str, int]) -> dict[str, Any]:
             report["sweep"].append(
                 measure_level(server, sweep_prompts, level, counts["sweep_calls"], quiet))
         report["server_rss_mib"]["end"] = round(server.rss_mib(), 1)
+        if args.soak:
+            print(f"soak: {args.soak} decisions ...", file=sys.stderr)
+            report["soak"] = soak(server, sweep_prompts, args.soak, args.batch_size)
     finally:
         report["server_exit_code"] = server.stop()
     report["noise"] = {"max_outside_cores": args.max_noise, "patience_s": args.patience,
@@ -373,6 +399,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=float, default=180.0,
                    help="seconds to keep repeating one measurement (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    p.add_argument("--soak", type=int, default=0,
+                   help="after the sweep, this many decisions via RouteBatch, RSS sampled (e.g. 100000)")
     p.add_argument("--no-naive", action="store_true", help="skip sentence-transformers (no torch)")
     for name, value in FULL.items():
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,

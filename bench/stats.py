@@ -111,6 +111,10 @@ def render(report: dict[str, Any]) -> str:
         f"p99 {rb['latency']['p99_ms']:.1f} ms",
         f"Server resident memory: {rss['after_warmup']:.0f} MiB after warm-up, "
         f"{rss['end']:.0f} MiB at the end",
+        *([f"Soak: {s['decisions']} decisions in {s['wall_s']:.0f} s, RSS MiB by decisions: "
+           + ", ".join(f"{n}: {m:.0f}" for n, m in s["rss_mib"])
+           + f"; growth over the second half {s['growth_second_half_mib']:+.1f} MiB"]
+          if (s := report.get("soak")) else []),
         "",
         *targets_table(report["targets"]),
     ]
