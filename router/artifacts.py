@@ -46,6 +46,7 @@ class HeadSpec(BaseModel):
     sha256: str
     input_dim: int = Field(gt=0)
     models: list[str] = Field(min_length=1)
+    win_temperature: float = Field(1.0, gt=0, description="see router.scoring.calculate_strong_win_rate")
 
 
 class Manifest(BaseModel):
@@ -201,6 +202,10 @@ def load_model(
     tokenizer = RouterTokenizer(tok_path, enc.max_tokens)
     log.info(
         "loaded model %s from %s (encoder %s, %d models, providers %s)",
-        manifest.version, model_dir, enc.name, len(head.models), encoder.get_providers(),
+        manifest.version,
+        model_dir,
+        enc.name,
+        len(head.models),
+        encoder.get_providers(),
     )
     return LoadedModel(manifest, model_dir, tokenizer, encoder, head_sess)

@@ -59,9 +59,9 @@ class RoutingEngine:
                 f"profile {profile.name!r} names model {e.args[0]!r}, unknown to model {self.version}"
             ) from None
 
-    def embed(self, texts: Sequence[str], keep: Sequence[Keep] | None = None) -> tuple[
-        npt.NDArray[np.float32], npt.NDArray[np.int64]
-    ]:
+    def embed(
+        self, texts: Sequence[str], keep: Sequence[Keep] | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Embeddings (B, dim) and token counts (B,), in sub-batches of similar length so
         padding stays small and no forward pass exceeds max_batch_tokens.
 
@@ -112,7 +112,7 @@ class RoutingEngine:
             cols = self.columns(profile)
             sub_ability = ability[rows][:, cols]  # (b, T)
             quality = tier_quality(sub_ability, difficulty[rows])
-            win = calculate_strong_win_rate(sub_ability)
+            win = calculate_strong_win_rate(sub_ability, self.model.manifest.head.win_temperature)
             decided = cheapest_clearing_floor(quality, profile.threshold)
             for j, row in enumerate(rows):
                 results[row] = RouteResult(

@@ -27,12 +27,25 @@ def tier_quality(ability: FloatArray, difficulty: FloatArray) -> FloatArray:
     return sigmoid(ability - difficulty[:, None])
 
 
-def calculate_strong_win_rate(ability: FloatArray) -> FloatArray:
-    """Bradley-Terry P(tier t's answer beats the cheapest tier's): sigmoid(s_t - s_0).
+def calculate_strong_win_rate(ability: FloatArray, temperature: float = 1.0) -> FloatArray:
+    """Bradley-Terry P(tier t's answer beats the cheapest tier's): sigmoid((s_t - s_0) / T).
 
     ability: (B, T) logits of the profile's tiers, cheap to expensive. Column 0 is 0.5.
+    temperature: fitted by training so the probability is calibrated against pairwise outcomes
+    (a tie counts one half); 1.0 is plain Bradley-Terry.
     """
-    return sigmoid(ability - ability[:, :1])
+    return sigmoid((ability - ability[:, :1]) / temperature)
+
+
+def fit_temperature(diff: npt.ArrayLike, outcome: npt.ArrayLike) -> float:
+    """The T minimizing log loss of sigmoid(diff / T) against outcomes in [0, 1] (grid search:
+    deterministic, and one dimension needs nothing cleverer)."""
+    d = np.asarray(diff, np.float64)
+    y = np.asarray(outcome, np.float64)
+    grid = np.geomspace(0.25, 50.0, 400)
+    p = np.clip(1.0 / (1.0 + np.exp(-d[None, :] / grid[:, None])), 1e-7, 1 - 1e-7)
+    loss = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(axis=1)
+    return float(grid[int(np.argmin(loss))])
 
 
 @dataclass(frozen=True, slots=True)

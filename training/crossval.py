@@ -24,7 +24,7 @@ from router.scoring import sigmoid
 from training import data as D
 from training import evaluate as E
 from training.embed import Embedder
-from training.fit import REPO, arg_type, build_terms
+from training.fit import REPO, arg_type, build_terms, fit_win_temperature
 from training.model import HEAD_FIELDS, HeadConfig, Terms
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Predictions:
     difficulty: npt.NDArray[np.float32]  # (N,)
     offset: npt.NDArray[np.float32]  # (N, n_datasets) judge offsets of the head that scored the row
     group: npt.NDArray[np.int64]  # (N,) which held-out group scored the row; -1 = not scored
+    win_temperature: npt.NDArray[np.float32]  # (N,) win temperature of the head that scored the row
 
 
 def groups_for(cfg: EvalConfig, data: D.RoutingData) -> tuple[npt.NDArray[np.int64], list[str]]:
@@ -100,12 +101,16 @@ def out_of_group(
         np.zeros(data.n_rows, np.float32),
         np.zeros((data.n_rows, n_data), np.float32),
         np.full(data.n_rows, -1, np.int64),
+        np.ones(data.n_rows, np.float32),
     )
     losses = []
     for g in sorted(set(groups.tolist()) - {-1}):
         head = cfg.make_head()
-        head.fit(X, terms.subset(train_mask(cfg, data, terms, groups, g)))
+        train = train_mask(cfg, data, terms, groups, g)
+        head.fit(X, terms.subset(train))
+        head.win_temperature_ = fit_win_temperature(data, head, X, np.unique(terms.row[train]))
         rows = np.nonzero(groups == g)[0]
+        pred.win_temperature[rows] = head.win_temperature_
         pred.ability[rows], pred.difficulty[rows] = head.logits(X[rows])
         pred.offset[rows] = head.offset_
         pred.group[rows] = g
@@ -113,7 +118,7 @@ def out_of_group(
         log.info(
             "group %d: fitted on %d terms, scored %d prompts",
             g,
-            int(train_mask(cfg, data, terms, groups, g).sum()),
+            int(train.sum()),
             len(rows),
         )
     return pred, losses
@@ -170,7 +175,10 @@ def evaluate_pair(
         return None
     p_weak = model_probability(data, pred, rows, dataset, weak).astype(np.float64)
     p_strong = model_probability(data, pred, rows, dataset, strong).astype(np.float64)
-    win = sigmoid(pred.ability[rows, data.models.index(strong)] - pred.ability[rows, data.models.index(weak)])
+    win = sigmoid(
+        (pred.ability[rows, data.models.index(strong)] - pred.ability[rows, data.models.index(weak)])
+        / pred.win_temperature[rows]
+    )
     lengths = np.array([len(data.prompts[r]) for r in rows], np.float64)
 
     # kNN on the same embeddings, fitted per held-out group on the pair's other rows

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from router.artifacts import DEFAULT_POINTER, MANIFEST, MANIFEST_FORMAT, load_model, sha256_file
-from router.scoring import sigmoid
+from router.scoring import fit_temperature, sigmoid
 from training import data as D
 from training import evaluate as E
 from training.embed import Embedder
@@ -54,6 +54,28 @@ def build_terms(data: D.RoutingData) -> Terms:
     return Terms(data.row, data.model, data.dataset, data.target, compare, reference, len(data.models))
 
 
+def pairwise_outcomes(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ability differences and outcomes (1 first better, 0 worse, 0.5 tie) for every pair of
+    models labeled on the same prompt, over `rows` (the data a win temperature is fitted on)."""
+    diffs, outcomes = [], []
+    for name in data.datasets:
+        drows, models, mat = data.outcome_matrix(name)
+        keep = np.isin(drows, rows)
+        drows, mat = drows[keep], mat[keep]
+        cols = [data.models.index(m) for m in models]
+        for i in range(len(cols)):
+            for j in range(i + 1, len(cols)):
+                diffs.append(ability[drows, cols[i]] - ability[drows, cols[j]])
+                outcomes.append(np.sign(mat[:, i] - mat[:, j]) * 0.5 + 0.5)
+    return np.concatenate(diffs), np.concatenate(outcomes)
+
+
+def fit_win_temperature(data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray) -> float:
+    """Temperature that calibrates the served win probability on the training prompts."""
+    ability, _ = head.logits(X)
+    return fit_temperature(*pairwise_outcomes(data, ability, rows))
+
+
 def mmlu_routing_figures(
     data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, train_rows: np.ndarray
 ) -> dict[str, Any]:
@@ -67,7 +89,7 @@ def mmlu_routing_figures(
     mw, ms = data.models.index(models[weak]), data.models.index(models[strong])
     p_weak = sigmoid(ability[:, mw] - difficulty)
     p_strong = sigmoid(ability[:, ms] - difficulty)
-    win = sigmoid(ability[:, ms] - ability[:, mw])
+    win = sigmoid((ability[:, ms] - ability[:, mw]) / head.win_temperature_)
     lengths = np.array([len(data.prompts[r]) for r in mrows], np.float64)
     # Three ways to rank prompts for the strong model: the quality floor (serving's rule:
     # weak quality lowest first), the expected gain P(strong ok) - P(weak ok), and the
@@ -125,12 +147,23 @@ def heldout_metrics(
             "ece": E.expected_calibration_error(p[sel], terms.target[sel]),
             "terms": int(sel.sum()),
         }
+    ability, _ = head.logits(X)
+    diff, outcome = pairwise_outcomes(data, ability, test_rows)
+    metrics["win_probability"] = {
+        "temperature": head.win_temperature_,
+        "ece": E.expected_calibration_error(sigmoid(diff / head.win_temperature_), outcome),
+        "ece_plain_bradley_terry": E.expected_calibration_error(sigmoid(diff), outcome),
+        "pairs": int(len(diff)),
+    }
     if "mmlu" in data.datasets:
         metrics["mmlu_routing"] = mmlu_routing_figures(data, head, X, test_rows, ~row_test)
     return metrics
 
 
 PATH_FIELDS = ("data_dir", "encoder_dir", "models_dir")
+# Bump when training code changes what a config produces, so the version name changes too.
+# 2: win temperature fitted on the training prompts.
+ALGORITHM = 2
 
 
 def portable_config(cfg: FitConfig) -> dict[str, Any]:
@@ -145,7 +178,7 @@ def portable_config(cfg: FitConfig) -> dict[str, Any]:
 def result_hash(cfg: FitConfig, data: D.RoutingData, encoder_meta: dict[str, Any]) -> str:
     """Hash of what decides the trained head: config (not paths), data, encoder."""
     decisive = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS + ("version", "set_default", "track")}
-    blob = json.dumps(decisive, sort_keys=True) + D.data_hash(data.files) + encoder_meta["sha256"]
+    blob = json.dumps(decisive, sort_keys=True) + D.data_hash(data.files) + encoder_meta["sha256"] + f"a{ALGORITHM}"
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -187,6 +220,7 @@ def write_version(
         },
         "head": {
             "kind": "mf-bradley-terry",
+            "algorithm": ALGORITHM,
             "file": "head.onnx",
             "sha256": sha256_file(tmp / "head.onnx"),
             "input_dim": int(X.shape[1]),
@@ -194,6 +228,7 @@ def write_version(
             "rank": cfg.rank,
             "judge_offsets": dict(zip(data.datasets, head.offset_.tolist(), strict=True)),
             "parity_max_abs_diff": parity,
+            "win_temperature": head.win_temperature_,
         },
         "training": {
             "config": portable_config(cfg),
@@ -231,6 +266,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     train = fold[terms.row] != cfg.holdout_fold
     head = cfg.make_head()
     head.fit(X, terms.subset(train))
+    head.win_temperature_ = fit_win_temperature(data, head, X, np.nonzero(fold != cfg.holdout_fold)[0])
 
     # 4. held-out figures beside baselines, then export with a parity check
     metrics = heldout_metrics(data, terms, head, X, fold, cfg)

@@ -175,6 +175,7 @@ class WinRateHead:
             self.offset_ = offset.numpy().astype(np.float32)
             self.train_loss_ = float(loss)
         self.n_models_ = n_models
+        self.win_temperature_ = 1.0  # plain Bradley-Terry until training.fit calibrates it
         return self
 
     def logits(self, X: F32) -> tuple[F32, F32]:

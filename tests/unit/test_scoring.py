@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -64,3 +65,14 @@ def test_decision_invariants(quality, threshold):
             assert row[t] >= threshold
         else:
             assert t == len(row) - 1 and (row < threshold).all()
+
+
+def test_win_temperature_softens_and_is_fitted_to_outcomes():
+    from router.scoring import fit_temperature
+
+    ability = np.array([[0.0, 2.0]], np.float32)
+    assert calculate_strong_win_rate(ability, 2.0)[0, 1] == pytest.approx(float(sigmoid(np.array(1.0))))
+    rng = np.random.default_rng(0)
+    diff = rng.normal(0, 3, 20000)
+    outcome = (rng.random(20000) < 1 / (1 + np.exp(-diff / 3.0))).astype(float)  # true T = 3
+    assert fit_temperature(diff, outcome) == pytest.approx(3.0, rel=0.1)
