@@ -27,6 +27,7 @@ from bench.stats import render, summarize
 from router.artifacts import Manifest, load_model, make_session, read_manifest, resolve_model_dir
 from router.engine import RouteQuery, RouteResult, RoutingEngine
 from router.profiles import ProfileSet
+from router.scoring import length_features
 from router.tokenizer import RouterTokenizer
 from router.v1 import router_pb2, router_pb2_grpc
 
@@ -107,11 +108,12 @@ class NaivePath:
         self.model = SentenceTransformer(str(package_dir / "model"), device="cpu")
         init = {t.name: numpy_helper.to_array(t)
                 for t in onnx.load(str(model_dir / manifest.head.file)).graph.initializer}
-        self.W, self.b = init["W"], init["b"]  # head.onnx: z = embedding @ W + b
+        self.W, self.b = init["W"], init["b"]  # head.onnx: z = [embedding, length features] @ W + b
 
     def __call__(self, text: str) -> npt.NDArray[np.float32]:
         embedding = self.model.encode(text)
-        return embedding @ self.W + self.b  # type: ignore[no-any-return]
+        x = np.concatenate([embedding, length_features([len(text)])[0]])
+        return x @ self.W + self.b  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from router.scoring import LENGTH_FEATURES
 from router.tokenizer import RouterTokenizer
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class HeadSpec(BaseModel):
     kind: str
     file: str = "head.onnx"
     sha256: str
-    input_dim: int = Field(gt=0)
+    input_dim: int = Field(gt=0, description="embedding dimension (length features come on top)")
+    features: list[str] = Field(default_factory=list, description="router.scoring.LENGTH_FEATURES")
     models: list[str] = Field(min_length=1)
     win_temperature: float = Field(1.0, gt=0, description="see router.scoring.calculate_strong_win_rate")
 
@@ -163,7 +165,7 @@ def _static_dim(session: ort.InferenceSession, which: Literal["in", "out"], inde
     return last if isinstance(last, int) else None
 
 
-HEAD_INPUTS = ["embedding"]
+HEAD_INPUTS = ["embedding", "prompt_chars"]
 HEAD_OUTPUTS = ["ability", "difficulty"]
 
 
@@ -194,6 +196,8 @@ def load_model(
 
     head_sess = make_session(head_path, providers=providers, intra_op_threads=1)
     _check_io(head_sess, head_path, HEAD_INPUTS, HEAD_OUTPUTS)
+    if head.features and head.features != list(LENGTH_FEATURES):
+        raise ArtifactError(f"{head_path}: features {head.features}, this server computes {list(LENGTH_FEATURES)}")
     if (d := _static_dim(head_sess, "in", 0)) is not None and d != head.input_dim:
         raise ArtifactError(f"{head_path}: takes {d}-d input, manifest says {head.input_dim}")
     if (m := _static_dim(head_sess, "out", 0)) is not None and m != len(head.models):

@@ -92,16 +92,21 @@ class RoutingEngine:
             start = stop
         return out, enc.lengths
 
-    def score(self, embedding: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    def score(
+        self, embedding: npt.NDArray[np.float32], prompt_chars: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """Head forward: per-model ability logits (B, M) and the prompt's difficulty (B,)."""
-        ability, difficulty = self.model.head.run(["ability", "difficulty"], {"embedding": embedding})
+        ability, difficulty = self.model.head.run(
+            ["ability", "difficulty"], {"embedding": embedding, "prompt_chars": prompt_chars}
+        )
         return ability, difficulty
 
     def route_batch(self, queries: Sequence[RouteQuery]) -> list[RouteResult]:
         if not queries:
             return []
         embedding, n_tokens = self.embed([q.text for q in queries], [q.keep for q in queries])
-        ability, difficulty = self.score(embedding)
+        chars = np.fromiter((len(q.text) for q in queries), np.float32, len(queries))
+        ability, difficulty = self.score(embedding, chars)
         results: list[RouteResult | None] = [None] * len(queries)
         # One vectorized decision per profile present in the batch.
         by_profile: dict[int, list[int]] = {}

@@ -14,6 +14,20 @@ REASON_CLASSIFIER = "classifier"  # the cheapest tier whose quality clears the f
 REASON_FALLBACK = "fallback"  # no tier clears the floor: fail safe to the most capable tier
 
 
+# Prompt-length features appended to the embedding at the head's input: f = (log(1 + chars) - C) * S
+# and f^2 / 2. Length carries across domains (MMLU subjects never seen in training); head.onnx
+# computes the same from its `prompt_chars` input, and export checks that they agree.
+LENGTH_CENTER = 5.7  # log(1 + 300): a typical prompt
+LENGTH_SCALE = 3.0  # large enough that the ridge penalty leaves room for the feature
+LENGTH_FEATURES = ("log_chars", "log_chars_sq")
+
+
+def length_features(chars: npt.ArrayLike) -> FloatArray:
+    """(N, 2) length features from prompt lengths in characters."""
+    f = (np.log1p(np.asarray(chars, np.float64)) - LENGTH_CENTER) * LENGTH_SCALE
+    return np.stack([f, 0.5 * f * f], axis=1).astype(np.float32)
+
+
 def sigmoid(x: npt.NDArray[np.floating]) -> FloatArray:
     # Clip so exp() never overflows for extreme logits.
     return (1.0 / (1.0 + np.exp(-np.clip(x, -40.0, 40.0)))).astype(np.float32)

@@ -20,11 +20,11 @@ import numpy as np
 import numpy.typing as npt
 
 from router.profiles import load_profiles
-from router.scoring import sigmoid
+from router.scoring import LENGTH_FEATURES, sigmoid
 from training import data as D
 from training import evaluate as E
 from training.embed import Embedder
-from training.fit import REPO, arg_type, build_terms, fit_win_temperature
+from training.fit import REPO, arg_type, build_terms, fit_win_temperature, head_inputs
 from training.model import HEAD_FIELDS, HeadConfig, Terms
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ def evaluate_pair(
     )
     lengths = np.array([len(data.prompts[r]) for r in rows], np.float64)
 
+    emb = X[:, : X.shape[1] - len(LENGTH_FEATURES)]  # kNN: cosine on the embedding alone
     # kNN on the same embeddings, fitted per held-out group on the pair's other rows
     knn = np.zeros(len(rows))
     all_rows, all_qw, all_qs = pair_outcomes(data, dataset, weak, strong)  # type: ignore[misc]
@@ -200,7 +201,7 @@ def evaluate_pair(
         else:
             keep = pred.group[all_rows] != g
             tr, gain = all_rows[keep], (all_qs - all_qw)[keep]
-        knn[test] = E.knn_gain(X[tr], gain, X[rows[test]], cfg.knn_k)
+        knn[test] = E.knn_gain(emb[tr], gain, emb[rows[test]], cfg.knn_k)
 
     scores: dict[str, npt.NDArray[np.float64]] = {
         "router_gain": p_strong - p_weak,
@@ -268,7 +269,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     terms = build_terms(data)
     enc = Path(cfg.encoder_dir)
     meta = json.loads((enc / "encoder.json").read_text("utf-8"))
-    X = Embedder(enc / "encoder.onnx", enc / "tokenizer.json", int(meta["max_tokens"])).embed(data.prompts)
+    embedding = Embedder(enc / "encoder.onnx", enc / "tokenizer.json", int(meta["max_tokens"])).embed(data.prompts)
+    X = head_inputs(embedding, data.prompts)
 
     # 2. out-of-group predictions: every scored prompt comes from a head that never saw it
     groups, group_names = groups_for(cfg, data)

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from router.artifacts import make_session, sha256_file
+from router.scoring import LENGTH_CENTER, LENGTH_FEATURES, LENGTH_SCALE, length_features
 
 if TYPE_CHECKING:  # heavy, training-only imports stay out of module import time
     import torch
@@ -574,20 +575,34 @@ HEAD_PARITY_TOL = 1e-4  # max |ONNX - numpy| over logits; float32 matmul reorder
 
 
 def head_graph(weight: np.ndarray, bias: np.ndarray, opset: int = 17) -> onnx.ModelProto:
-    """embedding (B, dim) -> ability (B, M), difficulty (B,), from the collapsed (dim, M + 1) head."""
+    """embedding (B, dim), prompt_chars (B,) -> ability (B, M), difficulty (B,).
+
+    The collapsed (dim + 2, M + 1) head over [embedding, length features], the features computed
+    in the graph exactly as router.scoring.length_features does."""
     from onnx import TensorProto, helper, numpy_helper
 
-    dim, m1 = weight.shape
-    inits = [
-        numpy_helper.from_array(weight.astype(np.float32), "W"),
-        numpy_helper.from_array(bias.astype(np.float32), "b"),
-        numpy_helper.from_array(np.array([0], np.int64), "zero"),
-        numpy_helper.from_array(np.array([m1 - 1], np.int64), "m"),
-        numpy_helper.from_array(np.array([m1], np.int64), "m1"),
-        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-    ]
+    n_in, m1 = weight.shape
+    dim = n_in - len(LENGTH_FEATURES)
+    consts: dict[str, np.ndarray] = {
+        "W": weight.astype(np.float32), "b": bias.astype(np.float32),
+        "one": np.array(1.0, np.float32), "center": np.array(LENGTH_CENTER, np.float32),
+        "scale": np.array(LENGTH_SCALE, np.float32), "half": np.array(0.5, np.float32),
+        "zero": np.array([0], np.int64), "m": np.array([m1 - 1], np.int64),
+        "m1": np.array([m1], np.int64), "axis1": np.array([1], np.int64),
+    }
+    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
     nodes = [
-        helper.make_node("MatMul", ["embedding", "W"], ["zw"]),
+        # length features: f = (log(1 + chars) - center) * scale, and f^2 / 2
+        helper.make_node("Add", ["prompt_chars", "one"], ["c1"]),
+        helper.make_node("Log", ["c1"], ["logc"]),
+        helper.make_node("Sub", ["logc", "center"], ["centered"]),
+        helper.make_node("Mul", ["centered", "scale"], ["f"]),
+        helper.make_node("Mul", ["f", "f"], ["ff"]),
+        helper.make_node("Mul", ["ff", "half"], ["g"]),
+        helper.make_node("Unsqueeze", ["f", "axis1"], ["f1"]),
+        helper.make_node("Unsqueeze", ["g", "axis1"], ["g1"]),
+        helper.make_node("Concat", ["embedding", "f1", "g1"], ["x"], axis=1),  # (B, dim + 2)
+        helper.make_node("MatMul", ["x", "W"], ["zw"]),
         helper.make_node("Add", ["zw", "b"], ["z"]),  # (B, M + 1)
         helper.make_node("Slice", ["z", "zero", "m", "axis1"], ["ability"]),
         helper.make_node("Slice", ["z", "m", "m1", "axis1"], ["d2"]),
@@ -596,7 +611,10 @@ def head_graph(weight: np.ndarray, bias: np.ndarray, opset: int = 17) -> onnx.Mo
     graph = helper.make_graph(
         nodes,
         "router_head",
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
+        [
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim]),
+            helper.make_tensor_value_info("prompt_chars", TensorProto.FLOAT, ["batch"]),
+        ],
         [
             helper.make_tensor_value_info("ability", TensorProto.FLOAT, ["batch", m1 - 1]),
             helper.make_tensor_value_info("difficulty", TensorProto.FLOAT, ["batch"]),
@@ -608,14 +626,17 @@ def head_graph(weight: np.ndarray, bias: np.ndarray, opset: int = 17) -> onnx.Mo
     return model
 
 
-def export_head(head: Any, path: Path, X_check: np.ndarray) -> float:
-    """Write head.onnx; refuse (raise, write nothing) if ONNX Runtime disagrees with the
-    trained head on `X_check`. Returns the max absolute difference over both outputs."""
-
+def export_head(head: Any, path: Path, embedding: np.ndarray, chars: np.ndarray) -> float:
+    """Write head.onnx; refuse (raise, write nothing) if ONNX Runtime, computing the length
+    features itself, disagrees with the trained head on these prompts. Returns the max
+    absolute difference over both outputs."""
     model = head_graph(head.weight_, head.bias_)
     sess = make_session(model.SerializeToString(), providers=["CPUExecutionProvider"], intra_op_threads=1)
-    ability, difficulty = sess.run(["ability", "difficulty"], {"embedding": X_check.astype(np.float32)})
-    want_a, want_d = head.logits(X_check)
+    ability, difficulty = sess.run(
+        ["ability", "difficulty"],
+        {"embedding": embedding.astype(np.float32), "prompt_chars": chars.astype(np.float32)},
+    )
+    want_a, want_d = head.logits(np.hstack([embedding, length_features(chars)]))
     diff = float(max(np.abs(ability - want_a).max(), np.abs(difficulty - want_d).max()))
     if not diff <= HEAD_PARITY_TOL:
         raise RuntimeError(f"head.onnx differs from the trained head by {diff:g} > {HEAD_PARITY_TOL:g}; not written")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from router.artifacts import DEFAULT_POINTER, MANIFEST, MANIFEST_FORMAT, load_model, sha256_file
-from router.scoring import fit_temperature, sigmoid
+from router.scoring import LENGTH_FEATURES, fit_temperature, length_features, sigmoid
 from training import data as D
 from training import evaluate as E
 from training.embed import Embedder
@@ -41,6 +41,11 @@ class FitConfig(HeadConfig):
     holdout_fold: int = 0  # ... and this one is never trained on; its figures go in the manifest
     limit: int | None = None  # first rows per file only (tests)
     track: bool = True  # an MLflow run per fit, and the version registered (training.tracking)
+
+
+def head_inputs(embedding: np.ndarray, prompts: list[str]) -> np.ndarray:
+    """What the head sees: the embedding and the prompt's length features (router.scoring)."""
+    return np.hstack([embedding, length_features([len(p) for p in prompts])]).astype(np.float32)
 
 
 def build_terms(data: D.RoutingData) -> Terms:
@@ -162,8 +167,8 @@ def heldout_metrics(
 
 PATH_FIELDS = ("data_dir", "encoder_dir", "models_dir")
 # Bump when training code changes what a config produces, so the version name changes too.
-# 2: win temperature fitted on the training prompts.
-ALGORITHM = 2
+# 2: win temperature fitted on the training prompts. 3: prompt-length features at the head's input.
+ALGORITHM = 3
 
 
 def portable_config(cfg: FitConfig) -> dict[str, Any]:
@@ -199,7 +204,10 @@ def write_version(
     enc_dir = Path(cfg.encoder_dir)
     for name in ("encoder.onnx", "tokenizer.json"):
         shutil.copy2(enc_dir / name, tmp / name)
-    parity = export_head(head, tmp / "head.onnx", X[: min(len(X), 2048)])
+    dim = X.shape[1] - len(LENGTH_FEATURES)  # X = [embedding, length features] (head_inputs)
+    n = min(len(X), 2048)
+    chars = np.array([len(p) for p in data.prompts[:n]], np.float32)
+    parity = export_head(head, tmp / "head.onnx", X[:n, :dim], chars)
     licenses = {f"encoder {part} ({info['from']})": info["license"] for part, info in encoder_meta["licenses"].items()}
     licenses |= {f"data {f['file']}": str(f["license"]) for f in data.files}
     manifest = {
@@ -211,7 +219,7 @@ def write_version(
             "file": "encoder.onnx",
             "tokenizer": "tokenizer.json",
             "sha256": sha256_file(tmp / "encoder.onnx"),
-            "dim": int(X.shape[1]),
+            "dim": int(dim),
             "max_tokens": int(encoder_meta["max_tokens"]),
             "source": encoder_meta.get("source"),
             "pooling": "mean",
@@ -223,7 +231,8 @@ def write_version(
             "algorithm": ALGORITHM,
             "file": "head.onnx",
             "sha256": sha256_file(tmp / "head.onnx"),
-            "input_dim": int(X.shape[1]),
+            "input_dim": int(dim),
+            "features": list(LENGTH_FEATURES),
             "models": data.models,
             "rank": cfg.rank,
             "judge_offsets": dict(zip(data.datasets, head.offset_.tolist(), strict=True)),
@@ -259,7 +268,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     enc_dir = Path(cfg.encoder_dir)
     encoder_meta = json.loads((enc_dir / "encoder.json").read_text("utf-8"))
     embedder = Embedder(enc_dir / "encoder.onnx", enc_dir / "tokenizer.json", int(encoder_meta["max_tokens"]))
-    X = embedder.embed(data.prompts)  # (N, dim)
+    X = head_inputs(embedder.embed(data.prompts), data.prompts)  # (N, dim + 2)
 
     # 3. split by prompt hash and fit on the training folds only
     fold = D.folds(data.prompts, cfg.k_folds)

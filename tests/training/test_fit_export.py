@@ -63,10 +63,11 @@ def test_small_fit_writes_a_servable_self_describing_version(tmp_path, monkeypat
 def test_export_refuses_a_head_that_onnx_disagrees_with(tmp_path):
     rng = np.random.default_rng(0)
     head = WinRateHead()
-    head.weight_ = rng.normal(size=(8, 4)).astype(np.float32)
+    head.weight_ = rng.normal(size=(8, 4)).astype(np.float32)  # 6-d embedding + 2 length features
     head.bias_ = rng.normal(size=4).astype(np.float32)
-    X = rng.normal(size=(16, 8)).astype(np.float32)
-    assert export_head(head, tmp_path / "ok.onnx", X) < 1e-5
+    X = rng.normal(size=(16, 6)).astype(np.float32)
+    chars = rng.integers(1, 5000, size=16).astype(np.float32)
+    assert export_head(head, tmp_path / "ok.onnx", X, chars) < 1e-4
 
     class Lying(WinRateHead):
         def logits(self, X):  # what training believes differs from what the graph computes
@@ -76,7 +77,7 @@ def test_export_refuses_a_head_that_onnx_disagrees_with(tmp_path):
     liar = Lying()
     liar.weight_, liar.bias_ = head.weight_, head.bias_
     with pytest.raises(RuntimeError, match="differs from the trained head"):
-        export_head(liar, tmp_path / "bad.onnx", X)
+        export_head(liar, tmp_path / "bad.onnx", X, chars)
     assert not (tmp_path / "bad.onnx").exists()
 
 
