@@ -168,6 +168,7 @@ def evaluate_pair(
     found = pair_outcomes(data, dataset, weak, strong)
     if found is None:
         return None
+    all_rows, all_qw, all_qs = found  # every labeled row: kNN's neighbours come from these
     rows, q_weak, q_strong = found
     scored = pred.group[rows] >= 0
     rows, q_weak, q_strong = rows[scored], q_weak[scored], q_strong[scored]
@@ -184,7 +185,6 @@ def evaluate_pair(
     emb = X[:, : X.shape[1] - len(LENGTH_FEATURES)]  # kNN: cosine on the embedding alone
     # kNN on the same embeddings, fitted per held-out group on the pair's other rows
     knn = np.zeros(len(rows))
-    all_rows, all_qw, all_qs = pair_outcomes(data, dataset, weak, strong)  # type: ignore[misc]
     for g in np.unique(pred.group[rows]):
         test = pred.group[rows] == g
         if cfg.protocol == "cross":  # neighbours come from the training traffic

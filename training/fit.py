@@ -81,9 +81,7 @@ def fit_win_temperature(data: D.RoutingData, head: WinRateHead, X: np.ndarray, r
     return fit_temperature(*pairwise_outcomes(data, ability, rows))
 
 
-def mmlu_routing_figures(
-    data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, train_rows: np.ndarray
-) -> dict[str, Any]:
+def mmlu_routing_figures(data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
     """Strong/weak routing on held-out MMLU prompts, beside the baselines."""
     mrows, models, mat = data.outcome_matrix("mmlu")
     keep = np.isin(mrows, rows)
@@ -161,7 +159,7 @@ def heldout_metrics(
         "pairs": int(len(diff)),
     }
     if "mmlu" in data.datasets:
-        metrics["mmlu_routing"] = mmlu_routing_figures(data, head, X, test_rows, ~row_test)
+        metrics["mmlu_routing"] = mmlu_routing_figures(data, head, X, test_rows)
     return metrics
 
 

@@ -79,15 +79,16 @@ class WinRateHead:
 
     def __init__(
         self,
-        rank: int = 64,
-        l2: float = 1e-4,
-        steps: int = 400,
-        lr: float = 0.01,
-        seed: int = 0,
-        optimizer: str = "adam",
-        l2_direct: float | None = None,
-        reference_weight: float = 1.0,
+        rank: int = HeadConfig.rank,
+        l2: float = HeadConfig.l2,
+        steps: int = HeadConfig.steps,
+        lr: float = HeadConfig.lr,
+        seed: int = HeadConfig.seed,
+        optimizer: str = HeadConfig.optimizer,
+        l2_direct: float | None = HeadConfig.l2_direct,
+        reference_weight: float = HeadConfig.reference_weight,
     ) -> None:
+        # Defaults are HeadConfig's (the shipped choice), kept in one place.
         self.rank = rank
         self.l2 = l2
         # With l2_direct set, each model also gets a full-rank weight vector a_m (its own
