@@ -33,6 +33,10 @@ class Settings(BaseSettings):
         REPO_ROOT / "config" / "profiles.toml",
         description="TOML file with the deployment profiles.",
     )
+    profiles_reload_seconds: float = Field(
+        2.0, ge=0, description="How often to check the profiles file (and its price catalog) for changes; "
+        "0 = only on SIGHUP.",
+    )
     default_profile: str = Field(
         "default", description="Profile used when a request names none."
     )

@@ -9,8 +9,9 @@ import numpy as np
 import numpy.typing as npt
 
 from router.artifacts import ArtifactError, LoadedModel
+from router.policy import Choice, RequestContext, decide
 from router.profiles import Profile
-from router.scoring import calculate_strong_win_rate, cheapest_clearing_floor, tier_quality
+from router.scoring import calculate_strong_win_rate, tier_quality
 from router.tokenizer import Keep
 
 PAD_RATIO = 1.3  # longest / shortest prompt in one encoder run
@@ -23,17 +24,24 @@ class RouteQuery:
     text: str
     profile: Profile
     keep: Keep = "head"  # which end survives truncation (see router.tokenizer)
+    context: RequestContext = RequestContext()
 
 
 @dataclass(frozen=True, slots=True)
 class RouteResult:
-    tier_index: int
-    confidence: float
+    choice: Choice
     quality: tuple[float, ...]  # per tier of the profile, cheap to expensive
     win_probability: tuple[float, ...]  # per tier: P(beats the cheapest tier)
-    reason: str
+    costs: tuple[float, ...]  # per tier: expected USD
     model_version: str
-    n_tokens: int
+    n_tokens: int  # encoder tokens after truncation, specials included
+    input_tokens: int  # word pieces of the whole prompt (for costs)
+    output_tokens: int
+    embedding: npt.NDArray[np.float32]  # (dim,), for the decision log
+
+    @property
+    def frontier_cost(self) -> float:
+        return self.costs[-1]
 
 
 class RoutingEngine:
@@ -46,6 +54,7 @@ class RoutingEngine:
         self._column = {name: i for i, name in enumerate(model.models)}
         self._enc_in = model.manifest.encoder.input_names
         self._enc_out = model.manifest.encoder.output_name
+        self._rng = np.random.default_rng()  # exploration draws (profiles with exploration_rate > 0)
 
     @property
     def version(self) -> str:
@@ -61,8 +70,9 @@ class RoutingEngine:
 
     def embed(
         self, texts: Sequence[str], keep: Sequence[Keep] | None = None
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Embeddings (B, dim) and token counts (B,), in sub-batches of similar length so
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Embeddings (B, dim), token counts after truncation (B,) and of the whole text (B,),
+        in sub-batches of similar length so
         padding stays small and no forward pass exceeds max_batch_tokens.
 
         A sub-batch ends where the next prompt is more than PAD_RATIO times longer than its
@@ -90,7 +100,7 @@ class RoutingEngine:
             }
             out[rows] = self.model.encoder.run([self._enc_out], feeds)[0]
             start = stop
-        return out, enc.lengths
+        return out, enc.lengths, enc.full_lengths
 
     def score(
         self, embedding: npt.NDArray[np.float32], prompt_chars: npt.NDArray[np.float32]
@@ -104,7 +114,7 @@ class RoutingEngine:
     def route_batch(self, queries: Sequence[RouteQuery]) -> list[RouteResult]:
         if not queries:
             return []
-        embedding, n_tokens = self.embed([q.text for q in queries], [q.keep for q in queries])
+        embedding, n_tokens, input_tokens = self.embed([q.text for q in queries], [q.keep for q in queries])
         chars = np.fromiter((len(q.text) for q in queries), np.float32, len(queries))
         ability, difficulty = self.score(embedding, chars)
         results: list[RouteResult | None] = [None] * len(queries)
@@ -118,16 +128,25 @@ class RoutingEngine:
             sub_ability = ability[rows][:, cols]  # (b, T)
             quality = tier_quality(sub_ability, difficulty[rows])
             win = calculate_strong_win_rate(sub_ability, self.model.manifest.head.win_temperature)
-            decided = cheapest_clearing_floor(quality, profile.threshold)
+            pinned = {
+                m: tier_quality(ability[rows][:, [self._column[m]]], difficulty[rows])[:, 0]
+                for m in profile.pinned_prices if m in self._column
+            }
+            decided = decide(
+                profile, quality, input_tokens[rows], [queries[r].text for r in rows],
+                [queries[r].context for r in rows], pinned, self._rng,
+            )
             for j, row in enumerate(rows):
                 results[row] = RouteResult(
-                    tier_index=int(decided.tier_index[j]),
-                    confidence=float(decided.confidence[j]),
+                    choice=decided.choices[j],
                     quality=tuple(quality[j].tolist()),
                     win_probability=tuple(win[j].tolist()),
-                    reason=decided.reason[j],
+                    costs=tuple(decided.costs[j].tolist()),
                     model_version=self.version,
                     n_tokens=int(n_tokens[row]),
+                    input_tokens=int(input_tokens[row]),
+                    output_tokens=int(decided.output_tokens[j]),
+                    embedding=embedding[row],
                 )
         assert all(r is not None for r in results), "every query belongs to one profile group. This is a bug."
         return results  # type: ignore[return-value]

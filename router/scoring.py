@@ -12,6 +12,9 @@ FloatArray = npt.NDArray[np.float32]
 # Reason codes carried in RouteResponse.reason.
 REASON_CLASSIFIER = "classifier"  # the cheapest tier whose quality clears the floor
 REASON_FALLBACK = "fallback"  # no tier clears the floor: fail safe to the most capable tier
+REASON_ESCALATION = "escalation"  # a previous attempt failed: the cheapest tier above it
+RULE_PREFIX = "rule:"  # rule:<name>, a profile rule pinned or capped the tier
+OVERRIDE_PREFIX = "override:"  # override:<field>, a per-request override moved it
 
 
 # Prompt-length features appended to the embedding at the head's input: f = (log(1 + chars) - C) * S
@@ -62,6 +65,149 @@ def fit_temperature(diff: npt.ArrayLike, outcome: npt.ArrayLike) -> float:
     return float(grid[int(np.argmin(loss))])
 
 
+# -- the four ways a profile states its trade-off --------------------------------------
+#
+# Each takes quality (B, T) (tiers cheap to expensive) and `allowed` (B, T), the tiers that
+# rules, overrides and escalation leave open (every row has at least one), and returns the
+# chosen tier index per row (B,). Ties go to the cheaper tier. Calibration (training and
+# `python -m training calibrate`) uses the same functions, so what it measures is what serves.
+
+MODES = ("floor", "share", "budget", "rework")
+USD_PER_MILLION = 1e6
+
+
+def expected_cost(
+    input_tokens: npt.ArrayLike, output_tokens: npt.ArrayLike, price_input: npt.ArrayLike, price_output: npt.ArrayLike
+) -> npt.NDArray[np.float64]:
+    """(B, T) USD per request: tokens (B,) times prices (T,) in USD per million tokens."""
+    tin = np.asarray(input_tokens, np.float64)[:, None]
+    tout = np.asarray(output_tokens, np.float64)[:, None]
+    return (tin * np.asarray(price_input, np.float64) + tout * np.asarray(price_output, np.float64)) / USD_PER_MILLION
+
+
+def most_capable_allowed(allowed: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+    last = allowed.shape[1] - 1
+    return (last - allowed[:, ::-1].argmax(axis=1)).astype(np.int64)
+
+
+def choose_floor(
+    quality: FloatArray, floors: npt.ArrayLike, allowed: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """(a) Quality floor, and (b) target shares once calibrated into per-tier floors: the cheapest
+    allowed tier whose quality clears its floor; where none does, the most capable allowed tier.
+    floors: a scalar, (T,) or (B, T). Returns (tier index, whether a tier cleared its floor)."""
+    clears = (quality >= np.asarray(floors, np.float32)) & allowed
+    cleared: npt.NDArray[np.bool_] = np.asarray(clears.any(axis=1))
+    idx = np.where(cleared, clears.argmax(axis=1), most_capable_allowed(allowed)).astype(np.int64)
+    return idx, cleared
+
+
+def choose_budget(
+    quality: FloatArray, cost: npt.NDArray[np.float64], lam: float, allowed: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.int64]:
+    """(c) Budget: maximize quality - lam * cost (cost in USD per 1,000 requests). `lam`, the
+    price of quality, is calibrated so the mean cost on the deployment's traffic meets the budget
+    (budget_lambda): for a budget, this spends the money where it buys the most quality."""
+    utility = np.where(allowed, quality.astype(np.float64) - lam * 1000.0 * cost, -np.inf)
+    return utility.argmax(axis=1).astype(np.int64)
+
+
+def choose_rework(
+    quality: FloatArray, cost: npt.NDArray[np.float64], rework_cost: float, allowed: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.int64]:
+    """(d) Rework cost: minimize the expected total cost, price + P(failure) x rework cost (USD),
+    where P(failure) = 1 - quality. Under-provisioning is priced, so no threshold is needed."""
+    total = np.where(allowed, cost + (1.0 - quality.astype(np.float64)) * rework_cost, np.inf)
+    return total.argmin(axis=1).astype(np.int64)
+
+
+def tier_shares(tier_index: npt.ArrayLike, n_tiers: int) -> npt.NDArray[np.float64]:
+    idx = np.asarray(tier_index, np.int64)
+    return np.bincount(idx, minlength=n_tiers).astype(np.float64) / max(len(idx), 1)
+
+
+# -- calibration: targets -> the parameters the choosers above take ---------------------
+
+
+class UnreachableTarget(ValueError):
+    """A target that no setting can meet on the given traffic; the message says why."""
+
+
+def _between(sorted_desc: npt.NDArray[np.float32], m: int) -> float:
+    """A floor that lets exactly the m largest values through (midway between neighbours)."""
+    if m <= 0:
+        return float("inf")
+    if m >= len(sorted_desc):
+        return 0.0
+    return float((sorted_desc[m - 1] + sorted_desc[m]) / 2.0)
+
+
+def share_floors(quality: FloatArray, shares: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Per-tier floors that give each tier its target share of `quality`'s rows under
+    choose_floor (all tiers allowed). shares: (T,) summing to 1. Tier 0 takes the rows where it
+    is best placed (its highest quality), tier 1 the best of the rest, and so on; the last tier
+    takes what is left, so its floor is 0."""
+    s = np.asarray(shares, np.float64)
+    n, t = quality.shape
+    if s.shape != (t,) or (s < 0).any() or abs(s.sum() - 1.0) > 1e-6:
+        raise UnreachableTarget(f"shares must be {t} non-negative fractions summing to 1, got {s.tolist()}")
+    if n == 0:
+        raise UnreachableTarget("no prompts to calibrate on")
+    floors = np.zeros(t, np.float64)
+    remaining = np.ones(n, bool)
+    for k in range(t - 1):
+        want = int(round(s[k] * n))
+        q = np.sort(quality[remaining, k])[::-1]
+        floors[k] = _between(q, min(want, len(q)))
+        remaining &= ~(quality[:, k] >= floors[k])
+    return floors
+
+
+def top_share_floor(quality: FloatArray, top_share: float) -> float:
+    """One common floor under which the most capable tier gets `top_share` of the rows: it
+    answers where no cheaper tier clears the floor, i.e. where max over cheaper tiers < floor."""
+    if not 0.0 <= top_share <= 1.0:
+        raise UnreachableTarget(f"share must be in [0, 1], got {top_share}")
+    if quality.shape[1] < 2:
+        raise UnreachableTarget("a one-tier profile has no share to set")
+    best_cheaper = np.sort(quality[:, :-1].max(axis=1))[::-1]
+    # rows through to a cheaper tier: the (1 - share) * n with the highest best_cheaper
+    return min(_between(best_cheaper, int(round((1.0 - top_share) * len(best_cheaper)))), 1.0)
+
+
+def budget_lambda(quality: FloatArray, cost: npt.NDArray[np.float64], budget_per_1k: float) -> float:
+    """The smallest price of quality (see choose_budget) whose mean cost per 1,000 requests on
+    these rows is within the budget. Mean cost falls as lam grows; bisection in log space."""
+    allowed = np.ones(quality.shape, bool)
+
+    def spend(lam: float) -> float:
+        idx = choose_budget(quality, cost, lam, allowed)
+        return float(cost[np.arange(len(idx)), idx].mean() * 1000.0)
+
+    floor_spend = float(cost.min(axis=1).mean() * 1000.0)
+    if budget_per_1k < floor_spend:
+        raise UnreachableTarget(
+            f"budget {budget_per_1k:.4g} USD per 1,000 requests is below the cheapest possible "
+            f"{floor_spend:.4g} on this traffic"
+        )
+    if spend(0.0) <= budget_per_1k:
+        return 0.0
+    lo, hi = 1e-9, 1.0
+    while spend(hi) > budget_per_1k:
+        hi *= 10.0
+        if hi > 1e12:
+            raise UnreachableTarget(f"budget {budget_per_1k:.4g} cannot be met on this traffic")
+    for _ in range(100):
+        mid = float(np.sqrt(lo * hi))
+        if spend(mid) > budget_per_1k:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1 + 1e-6:
+            break
+    return hi
+
+
 @dataclass(frozen=True, slots=True)
 class Decisions:
     """Per-request decisions for one batch of one profile."""
@@ -78,10 +224,7 @@ def cheapest_clearing_floor(quality: FloatArray, threshold: float) -> Decisions:
     """
     if quality.ndim != 2 or quality.shape[1] == 0:
         raise ValueError(f"quality must be (batch, tiers) with tiers >= 1, got {quality.shape}")
-    clears = quality >= threshold  # (B, T)
-    any_clears = clears.any(axis=1)
-    last = quality.shape[1] - 1
-    idx = np.where(any_clears, clears.argmax(axis=1), last).astype(np.int64)
+    idx, cleared = choose_floor(quality, threshold, np.ones(quality.shape, bool))
     confidence = quality[np.arange(len(idx)), idx]
-    reason: list[str] = np.where(any_clears, REASON_CLASSIFIER, REASON_FALLBACK).tolist()
+    reason: list[str] = np.where(cleared, REASON_CLASSIFIER, REASON_FALLBACK).tolist()
     return Decisions(tier_index=idx, confidence=confidence, reason=reason)

@@ -15,7 +15,7 @@ from router.batcher import MicroBatcher
 from router.config import Settings
 from router.engine import RouteQuery, RouteResult, RoutingEngine
 from router.metrics import start_metrics_server
-from router.profiles import ProfileSet
+from router.profiles import LiveProfiles
 from router.service import ErrorInterceptor, RouterServicer
 from router.v1 import router_pb2, router_pb2_grpc
 
@@ -32,11 +32,12 @@ class RouterServer:
         self.settings = settings
         model = load_model(settings.model_dir, device=settings.device,
                            intra_op_threads=settings.intra_op_threads)
-        self.profiles = ProfileSet.load(settings.profiles_path, settings.default_profile, model.models)
+        self.profiles = LiveProfiles(settings.profiles_path, settings.default_profile, model.models)
         self.engine = RoutingEngine(model, max_batch_tokens=settings.max_batch_tokens)
         self.batcher: MicroBatcher[RouteQuery, RouteResult] = MicroBatcher(
             self.engine.route_batch, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue
         )
+        self._watch: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
@@ -62,23 +63,34 @@ class RouterServer:
         """Start listening (NOT_SERVING), warm the engine up, then report SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
-        profile = self.profiles.get("")
+        profile = self.profiles.current.get("")
         # Warm up outside the batcher (its queue limit is for callers): the first runs
         # allocate ORT's buffers for short and long inputs, singly and batched.
         for batch in ([WARMUP_TEXTS[0]], [WARMUP_TEXTS[-1]], WARMUP_TEXTS):
             await asyncio.to_thread(self.engine.route_batch, [RouteQuery(t, profile) for t in batch])
         self.batcher.start()
+        if self.settings.profiles_reload_seconds > 0:
+            self._watch = asyncio.create_task(self._watch_profiles(self.settings.profiles_reload_seconds))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving model %s with profiles %s (default %r, version %s) on %s:%d",
-            self.engine.version, sorted(self.profiles.profiles), self.profiles.default,
+            self.engine.version, sorted(self.profiles.current.profiles), self.profiles.default,
             profile.version, self.settings.host, self.port,
         )
+
+    async def _watch_profiles(self, interval: float) -> None:
+        """Poll the profiles file and its price catalog; reload on change (see LiveProfiles)."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.profiles.changed():
+                await asyncio.to_thread(self.profiles.reload)
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within `grace` seconds, then stop."""
         grace = self.settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self._watch is not None:
+            self._watch.cancel()
         # Drain first, while the transport is fully up: every admitted call gets its answer
         # written before the server sends GOAWAY. New calls meanwhile get UNAVAILABLE.
         try:
@@ -104,6 +116,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, server.profiles.reload)  # reload profiles now
     await stopping.wait()
     log.info("signal received: finishing in-flight calls (grace %.1fs)", settings.grace_seconds)
     await server.stop()

@@ -18,12 +18,14 @@ from google.protobuf.message import DecodeError, Message
 from router import metrics
 from router.batcher import MicroBatcher, Overloaded, ShuttingDown
 from router.engine import RouteQuery, RouteResult
-from router.profiles import ProfileSet, UnknownProfile
+from router.policy import EscalationRefused, RequestContext
+from router.profiles import LiveProfiles, Profile, ProfileSet, UnknownProfile
 from router.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-MAX_ID_CHARS = 256  # workflow, tenant, request_id, profile
+MAX_ID_CHARS = 256  # workflow, stage, tenant, request_id, profile, escalation.failure
+MAX_OUTPUT_TOKENS = 1_000_000
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -36,6 +38,7 @@ class InvalidRequest(ValueError):
 STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownProfile: grpc.StatusCode.INVALID_ARGUMENT,
+    EscalationRefused: grpc.StatusCode.FAILED_PRECONDITION,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
@@ -83,8 +86,58 @@ def request_text(request: router_pb2.RouteRequest, field: str = "") -> tuple[str
     return text, "tail"
 
 
+def _tier(profile: Profile, name: str, field: str) -> int | None:
+    if not name:
+        return None
+    try:
+        return profile.tier_index(name)
+    except ValueError:
+        raise InvalidRequest(
+            f"{field}: unknown tier {name!r} in profile {profile.name!r}; tiers: {list(profile.tier_names)}"
+        ) from None
+
+
+def to_context(request: router_pb2.RouteRequest, profile: Profile, field: str = "") -> RequestContext:
+    """The request's rule inputs and overrides, checked against its profile."""
+    min_tier = _tier(profile, request.min_tier, field + "min_tier")
+    max_tier = _tier(profile, request.max_tier, field + "max_tier")
+    if min_tier is not None and max_tier is not None and min_tier > max_tier:
+        raise InvalidRequest(f"{field}min_tier: {request.min_tier!r} is above {field}max_tier {request.max_tier!r}")
+    floor = request.quality_floor if request.HasField("quality_floor") else None
+    if floor is not None and not 0.0 <= floor <= 1.0:  # NaN fails too
+        raise InvalidRequest(f"{field}quality_floor: must be in [0, 1], got {floor}")
+    max_cost = request.max_cost if request.HasField("max_cost") else None
+    if max_cost is not None and not 0.0 <= max_cost < float("inf"):
+        raise InvalidRequest(f"{field}max_cost: must be a finite number of USD >= 0, got {max_cost}")
+    output_tokens = request.expected_output_tokens if request.HasField("expected_output_tokens") else None
+    if output_tokens is not None and output_tokens > MAX_OUTPUT_TOKENS:
+        raise InvalidRequest(f"{field}expected_output_tokens: at most {MAX_OUTPUT_TOKENS}, got {output_tokens}")
+    escalate_from = None
+    if request.HasField("escalation"):
+        esc, efield = request.escalation, field + "escalation"
+        _check_id(esc.failure, efield + ".failure")
+        if not esc.failed_tier:
+            raise InvalidRequest(f"{efield}.failed_tier: required when escalating")
+        escalate_from = _tier(profile, esc.failed_tier, efield + ".failed_tier")
+        if escalate_from == len(profile.tiers) - 1:
+            raise EscalationRefused(
+                f"{efield}.failed_tier: {esc.failed_tier!r} is the most capable tier of profile "
+                f"{profile.name!r}; there is nothing to escalate to"
+            )
+        if esc.previous_escalations >= profile.max_escalations:
+            raise EscalationRefused(
+                f"{efield}.previous_escalations: profile {profile.name!r} allows {profile.max_escalations} "
+                f"escalations per request, this would be number {esc.previous_escalations + 1}"
+            )
+    return RequestContext(
+        workflow=request.workflow, stage=request.stage, tenant=request.tenant, min_tier=min_tier,
+        max_tier=max_tier, quality_floor=floor, max_cost=max_cost, output_tokens=output_tokens,
+        escalate_from=escalate_from,
+    )
+
+
 def to_query(request: router_pb2.RouteRequest, profiles: ProfileSet, field: str = "") -> RouteQuery:
-    for name in ("profile", "workflow", "tenant", "request_id"):
+    for name in ("profile", "workflow", "tenant", "request_id", "stage"):
         _check_id(getattr(request, name), field + name)
     text, keep = request_text(request, field)
     try:
@@ -93,30 +146,37 @@ def to_query(request: router_pb2.RouteRequest, profiles: ProfileSet, field: str 
         raise InvalidRequest(
             f"{field}profile: unknown profile {request.profile!r}; known: {sorted(profiles.profiles)}"
         ) from None
-    return RouteQuery(text=text, profile=profile, keep=keep)  # type: ignore[arg-type]
+    return RouteQuery(text=text, profile=profile, keep=keep, context=to_context(request, profile, field))  # type: ignore[arg-type]
 
 
 # -- domain -> proto ---------------------------------------------------------------
 
 
 def to_response(
-    result: RouteResult, query: RouteQuery, request: router_pb2.RouteRequest
+    result: RouteResult, query: RouteQuery, request: router_pb2.RouteRequest, field: str = ""
 ) -> router_pb2.RouteResponse:
-    tiers = query.profile.tiers
-    chosen = tiers[result.tier_index]
+    choice = result.choice
+    if choice.refused:
+        raise EscalationRefused(field + choice.refused)
     return router_pb2.RouteResponse(
-        tier=chosen.name,
-        model=chosen.model,
-        confidence=result.confidence,
+        tier=choice.tier,
+        model=choice.model,
+        confidence=choice.confidence,
         scores=[
-            router_pb2.TierScore(tier=t.name, model=t.model, quality=q, win_probability=w)
-            for t, q, w in zip(tiers, result.quality, result.win_probability, strict=True)
+            router_pb2.TierScore(tier=t.name, model=t.model, quality=q, win_probability=w, expected_cost=c)
+            for t, q, w, c in zip(query.profile.tiers, result.quality, result.win_probability, result.costs,
+                                  strict=True)
         ],
-        reason=result.reason,
+        reason=choice.reason,
         model_version=result.model_version,
         decision_id=uuid.uuid4().hex,
         profile=query.profile.name,
         request_id=request.request_id,
+        expected_cost=choice.cost,
+        frontier_cost=result.frontier_cost,
+        profile_version=query.profile.version,
+        input_tokens=result.input_tokens,
+        output_tokens=result.output_tokens,
     )
 
 
@@ -126,7 +186,7 @@ def to_response(
 class RouterServicer(router_pb2_grpc.RouterServicer):
     """Glue only: check and convert, await the batcher, convert back."""
 
-    def __init__(self, batcher: MicroBatcher[RouteQuery, RouteResult], profiles: ProfileSet,
+    def __init__(self, batcher: MicroBatcher[RouteQuery, RouteResult], profiles: LiveProfiles,
                  *, max_batch_request: int) -> None:
         self._batcher = batcher
         self._profiles = profiles
@@ -135,7 +195,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteResponse:
-        query = to_query(request, self._profiles)
+        query = to_query(request, self._profiles.current)
         result = await self._batcher.submit(query)
         return to_response(result, query, request)
 
@@ -145,10 +205,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         n = len(request.requests)
         if not 1 <= n <= self._max_batch_request:
             raise InvalidRequest(f"requests: between 1 and {self._max_batch_request} entries, got {n}")
-        queries = [to_query(r, self._profiles, f"requests[{i}].") for i, r in enumerate(request.requests)]
+        profiles = self._profiles.current  # one version for the whole batch
+        queries = [to_query(r, profiles, f"requests[{i}].") for i, r in enumerate(request.requests)]
         results = await self._batcher.submit_many(queries)
         return router_pb2.RouteBatchResponse(
-            responses=[to_response(res, q, r) for res, q, r in zip(results, queries, request.requests, strict=True)]
+            responses=[to_response(res, q, r, f"requests[{i}].")
+                       for i, (res, q, r) in enumerate(zip(results, queries, request.requests, strict=True))]
         )
 
 

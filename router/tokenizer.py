@@ -26,6 +26,7 @@ class Encoded:
     input_ids: npt.NDArray[np.int64]  # (B, T) padded with 0
     attention_mask: npt.NDArray[np.int64]  # (B, T)
     lengths: npt.NDArray[np.int64]  # (B,) real tokens per text, specials included
+    full_lengths: npt.NDArray[np.int64]  # (B,) word pieces of the whole text before truncation, no specials
 
 
 class RouterTokenizer:
@@ -41,6 +42,8 @@ class RouterTokenizer:
             tok.no_padding()  # we pad per batch ourselves, to the batch's longest
             tok.enable_truncation(max_length=max_tokens, direction=direction)
             self._by_side[side] = tok  # type: ignore[index]
+        post = self._by_side["head"].post_processor
+        self._specials = post.num_special_tokens_to_add(False) if post is not None else 0
 
     def encode(self, texts: Sequence[str], keep: Sequence[Keep] | None = None) -> Encoded:
         """Tokenize a batch; `keep[i]` says which end of text i survives truncation."""
@@ -49,11 +52,15 @@ class RouterTokenizer:
         if len(keep) != len(texts):
             raise ValueError(f"keep has {len(keep)} entries for {len(texts)} texts")
         ids: list[list[int] | None] = [None] * len(texts)
+        full = np.zeros(len(texts), np.int64)
         for side, tok in self._by_side.items():
             idx = [i for i, k in enumerate(keep) if k == side]
             if idx:
                 for i, enc in zip(idx, tok.encode_batch([texts[i] for i in idx]), strict=True):
                     ids[i] = enc.ids
+                    # what truncation cut off comes back as overflowing pieces (specials added to each)
+                    full[i] = len(enc.ids) + sum(len(o.ids) for o in enc.overflowing)
+                    full[i] -= self._specials * (1 + len(enc.overflowing))
         lengths = np.fromiter((len(x) for x in ids if x is not None), np.int64, len(texts))
         width = int(lengths.max()) if len(texts) else 0
         input_ids = np.zeros((len(texts), width), np.int64)
@@ -61,7 +68,7 @@ class RouterTokenizer:
             assert seq is not None, "every text was tokenized by one side. This is a bug."
             input_ids[row, : len(seq)] = seq
         attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        return Encoded(input_ids, attention_mask, lengths)
+        return Encoded(input_ids, attention_mask, lengths, full)
 
     def count(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
         """Token counts after truncation (for length buckets and logs)."""

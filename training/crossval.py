@@ -44,6 +44,7 @@ class EvalConfig(HeadConfig):
     profiles_path: str = str(REPO / "config" / "profiles.toml")
     data_dir: str = str(D.DATA_DIR)
     encoder_dir: str = str(REPO / "models" / "encoder" / "all-MiniLM-L6-v2-int8")
+    max_tokens: int | None = None  # truncate prompts here instead of at the encoder's own max_tokens
     out_dir: str = str(REPO / "build" / "eval")
     knn_k: int = 50
     limit: int | None = None
@@ -269,7 +270,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     terms = build_terms(data)
     enc = Path(cfg.encoder_dir)
     meta = json.loads((enc / "encoder.json").read_text("utf-8"))
-    embedding = Embedder(enc / "encoder.onnx", enc / "tokenizer.json", int(meta["max_tokens"])).embed(data.prompts)
+    max_tokens = cfg.max_tokens or int(meta["max_tokens"])
+    embedding = Embedder(enc / "encoder.onnx", enc / "tokenizer.json", max_tokens).embed(data.prompts)
     X = head_inputs(embedding, data.prompts)
 
     # 2. out-of-group predictions: every scored prompt comes from a head that never saw it
@@ -291,7 +293,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 dataset,
                 weak.model,
                 strong.model,
-                profile.threshold,
+                profile.floor,
                 out_dir / f"curve-{dataset}-{weak.name}-{strong.name}.png",
             )
             if res is not None:
@@ -302,6 +304,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "pairs": pairs,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "encoder_sha256": meta["sha256"],
+        "encoder": {"name": meta["name"], "dim": meta["dim"], "max_tokens": max_tokens},
         "data": data.files,
     }
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", "utf-8")
@@ -352,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "profiles_path",
         "data_dir",
         "encoder_dir",
+        "max_tokens",
         "out_dir",
         *HEAD_FIELDS,
         "knn_k",

@@ -18,8 +18,11 @@ def test_shipped_profiles_load():
     profiles = load_profiles(PROFILES, MODELS)
     assert profiles["default"].tier_names == ("budget", "mid", "frontier")
     assert profiles["routellm-pair"].models == ("mixtral-8x7b-instruct-v0.1", "gpt-4-1106-preview")
-    assert 0 <= profiles["default"].threshold <= 1
+    assert profiles["default"].mode == "floor" and 0 <= profiles["default"].floor <= 1
     assert len(profiles["default"].version) == 12
+    # prices come from config/prices.toml, which the profiles file names
+    assert profiles["default"].prices == ((1.5, 0.6, 10.0), (2.0, 0.6, 30.0))
+    assert [r.name for r in profiles["default"].rules] == ["legal-review-frontier", "summaries-not-above-mid"]
 
 
 def test_profile_set_default_and_unknown():
@@ -33,10 +36,16 @@ def test_profile_set_default_and_unknown():
 
 
 def test_unknown_model_is_named_with_its_key(tmp_path):
-    p = write(tmp_path, '[profiles.x]\nthreshold = 0.5\ntiers = [{name="a", model="gpt-9"}]\n')
+    p = write(tmp_path, '[profiles.x]\nfloor = 0.5\ntiers = [{name="a", model="gpt-9"}]\n')
     with pytest.raises(ProfileError, match=r"profiles\.x\.tiers\.0\.model: unknown model 'gpt-9'") as e:
         load_profiles(p, MODELS)
     assert str(p) in str(e.value)
+
+
+TIERS = (
+    'tiers = [{name="a", model="m", price_input=1, price_output=2}, '
+    '{name="b", model="n", price_input=3, price_output=4}]\n'
+)
 
 
 @pytest.mark.parametrize(
@@ -44,17 +53,30 @@ def test_unknown_model_is_named_with_its_key(tmp_path):
     [
         ("[profiles.x\n", "not valid TOML"),
         ("title = 1\n", r"needs at least one \[profiles.<name>\] table"),
-        ('[profiles.x]\nthreshold = 1.5\ntiers = [{name="a", model="m"}]\n', r"profiles\.x\.threshold"),
-        ("[profiles.x]\nthreshold = 0.5\ntiers = []\n", r"profiles\.x\.tiers"),
-        ('[profiles.x]\ntiers = [{name="a", model="m"}]\n', r"profiles\.x\.threshold: Field required"),
+        ("[profiles.x]\nfloor = 1.5\n" + TIERS, r"profiles\.x\.floor"),
+        ("[profiles.x]\nfloor = 0.5\ntiers = []\n", r"profiles\.x\.tiers"),
+        ('[profiles.x]\ntiers = [{name="a", model="m"}]\n', r"profiles\.x\.tiers\.0: model 'm' has no price"),
         (
-            '[profiles.x]\nthreshold = 0.5\ntiers = [{name="a", model="m"}, {name="a", model="n"}]\n',
+            '[profiles.x]\nfloor = 0.5\ntiers = [{name="a", model="m"}, {name="a", model="n"}]\n',
             "tier names must be unique",
         ),
-        (
-            '[profiles.x]\nthreshold = 0.5\nthreshhold = 0.4\ntiers = [{name="a", model="m"}]\n',
-            r"profiles\.x\.threshhold: Extra inputs",
-        ),
+        ("[profiles.x]\nfloor = 0.5\nflor = 0.4\n" + TIERS, r"profiles\.x\.flor: Extra inputs"),
+        ('[profiles.x]\nmode = "cheap"\n' + TIERS, r"profiles\.x\.mode: Input should be"),
+        ('[profiles.x]\nmode = "rework"\n' + TIERS, r"profiles\.x: .*rework_cost"),
+        ('[profiles.x]\nmode = "share"\nshares = {a = 0.5, b = 0.6}\nfloors = [0.5, 0.0]\n' + TIERS,
+         "unreachable target"),
+        ('[profiles.x]\nmode = "share"\nshares = {a = 0.5}\nfloors = [0.5, 0.0]\n' + TIERS,
+         "or for the last tier"),
+        ('[profiles.x]\nmode = "share"\nshares = {b = 0.2}\n' + TIERS, "floors: missing; run `python -m training"),
+        ('[profiles.x]\nmode = "budget"\nbudget_per_1k = 0.01\nbudget_lambda = 1.0\n' + TIERS,
+         r"budget_per_1k: unreachable target"),
+        ("[profiles.x]\n" + TIERS + '[[profiles.x.rules]]\nname = "r"\nworkflow = "w"\npin_tier = "zz"\n',
+         r"rules\.0\.pin_tier: 'zz' is not a tier"),
+        ("[profiles.x]\n" + TIERS + '[[profiles.x.rules]]\nname = "r"\npattern = "(("\nmax_tier = "a"\n',
+         r"profiles\.x\.rules\.0\.pattern: .*not a valid regular expression"),
+        ("[profiles.x]\n" + TIERS + '[[profiles.x.rules]]\nname = "r"\nmin_tier = "a"\nmax_tier = "b"\n',
+         "exactly one of"),
+        ('prices = "absent.toml"\n[profiles.x]\n' + TIERS, "cannot read price catalog"),
     ],
 )
 def test_bad_files_are_rejected_naming_file_and_key(tmp_path, text, match):
@@ -75,3 +97,35 @@ def test_profile_set_leaves_out_profiles_with_unknown_models_but_not_the_default
     assert list(ps.profiles) == ["routellm-pair"]
     with pytest.raises(ProfileError, match=r"profiles\.default\.tiers\.0\.model: unknown model"):
         ProfileSet.load(PROFILES, "default", mmlu_only)
+
+
+def test_price_catalog_names_model_and_key(tmp_path):
+    (tmp_path / "prices.toml").write_text('[models.m]\ninput = 1.0\noutput = -2\nchecked = 2024-01-01\n')
+    p = write(tmp_path, 'prices = "prices.toml"\n[profiles.x]\ntiers = [{name="a", model="m"}]\n')
+    with pytest.raises(ProfileError, match=r"prices\.toml: models\.m\.output: Input should be greater"):
+        load_profiles(p)
+
+
+def test_shipped_catalog_prices_every_model_the_default_router_model_knows():
+    from router.artifacts import read_manifest, resolve_model_dir
+    from router.profiles import load_prices
+    prices = load_prices(PROFILES.parent / "prices.toml")
+    manifest = read_manifest(resolve_model_dir(PROFILES.parent.parent / "models"))
+    assert set(manifest.head.models) <= set(prices)
+    assert all(p.checked.year >= 2024 for p in prices.values())
+
+
+def test_live_profiles_reload_keeps_last_good_on_a_broken_file(tmp_path, caplog):
+    from router.profiles import LiveProfiles
+
+    p = write(tmp_path, "[profiles.default]\nfloor = 0.5\n" + TIERS)
+    live = LiveProfiles(p, "default")
+    v1 = live.current.version
+    p.write_text("[profiles.default]\nfloor = 0.9\n" + TIERS)
+    assert live.changed() and live.reload()
+    assert live.current.get("").floor == 0.9 and live.current.version != v1
+    good = live.current
+    p.write_text("[profiles.default]\nfloor = 0.9\n" + TIERS.replace("price_input=3", "price_input=-3"))
+    assert live.changed() and not live.reload()
+    assert live.current is good and "price_input" in (live.last_error or "")
+    assert not live.changed()
