@@ -72,3 +72,26 @@ class Settings(BaseSettings):
         "-1 disables it.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    decision_log_url: str = Field(
+        "",
+        description="Database of decisions and outcomes (SQLAlchemy URL): empty = SQLite var/decisions.db "
+        "under the repo; postgresql+psycopg://... to share one log between replicas; 'off' = no log "
+        "(ReportOutcome then answers UNAVAILABLE).",
+    )
+    decision_log_salt: str = Field(
+        "",
+        description="Secret salt of the prompt hashes in the log; empty = a random one kept in "
+        "var/decision-log.salt. Replicas sharing a log must share the salt.",
+        repr=False,
+    )
+    model_reload_seconds: float = Field(
+        2.0, ge=0, description="How often to check models/DEFAULT for a newly promoted version (when "
+        "model_dir is a models root); 0 = only on SIGHUP.",
+    )
+    shadow_model_dir: Path | None = Field(
+        None, description="A candidate model version that scores live requests beside the served one "
+        "without changing answers; disagreement and tier-share shift go to /metrics.",
+    )
+    drift_window: int = Field(
+        1000, ge=10, description="Decisions per profile in the rolling window of live tier shares."
+    )

@@ -72,3 +72,26 @@ def start_metrics_server(
     server = MetricsServer(httpd, thread)
     log.info("metrics on http://%s:%d/metrics", host, server.port)
     return server
+
+
+# -- drift and shadow ----------------------------------------------------------------------
+
+TIER_SHARE = Gauge(
+    "router_tier_share", "Share of each tier among the profile's last decisions (rolling window).",
+    ["profile", "tier"],
+)
+TIER_SHARE_TARGET = Gauge(
+    "router_tier_share_target", "The profile's target share per tier (profiles in mode share).",
+    ["profile", "tier"],
+)
+SHADOW_DECISIONS = Counter("router_shadow_decisions", "Requests the shadow model scored.", ["profile"])
+SHADOW_DISAGREEMENTS = Counter(
+    "router_shadow_disagreements", "Requests where the shadow model would have chosen another tier.", ["profile"]
+)
+SHADOW_SKIPPED = Counter("router_shadow_skipped", "Batches the shadow model skipped because it was busy.")
+SHADOW_TIER_SHARE_SHIFT = Gauge(
+    "router_shadow_tier_share_shift",
+    "Shadow model's share of a tier minus the live model's, over the rolling window.", ["profile", "tier"],
+)
+DECISIONS_DROPPED = Gauge("router_decision_log_dropped", "Decisions the log could not keep (buffer full).")
+DECISIONS_PENDING = Gauge("router_decision_log_pending", "Decisions waiting to be written to the log.")

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from router.artifacts import load_model
+from router.artifacts import ArtifactError, load_model, resolve_model_dir
 from router.batcher import MicroBatcher
 from router.config import Settings
 from router.engine import RouteQuery, RouteResult, RoutingEngine
 from router.metrics import start_metrics_server
-from router.profiles import LiveProfiles
-from router.service import ErrorInterceptor, RouterServicer
+from router.monitor import DriftMonitor, Shadow
+from router.profiles import LiveProfiles, Profile, ProfileError, ProfileSet
+from router.service import ErrorInterceptor, RouterServicer, open_decision_log
 from router.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,17 +36,28 @@ class RouterServer:
                            intra_op_threads=settings.intra_op_threads)
         self.profiles = LiveProfiles(settings.profiles_path, settings.default_profile, model.models)
         self.engine = RoutingEngine(model, max_batch_tokens=settings.max_batch_tokens)
+        self.drift = DriftMonitor(settings.drift_window)
+        self.shadow: Shadow | None = None
+        if settings.shadow_model_dir is not None:
+            shadow_model = load_model(settings.shadow_model_dir, device=settings.device,
+                                      intra_op_threads=settings.intra_op_threads)
+            self.shadow = Shadow(RoutingEngine(shadow_model, max_batch_tokens=settings.max_batch_tokens),
+                                 settings.drift_window, self.drift.live)
+            log.info("shadow model %s scores live requests beside the served one", shadow_model.version)
         self.batcher: MicroBatcher[RouteQuery, RouteResult] = MicroBatcher(
-            self.engine.route_batch, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue
+            self._run_batch, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue
         )
-        self._watch: asyncio.Task[None] | None = None
+        self.decision_log = open_decision_log(settings)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._swap_lock = asyncio.Lock()
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
             options=[("grpc.so_reuseport", 0)],  # a second server on the same port must fail, not share
         )
         router_pb2_grpc.add_RouterServicer_to_server(
-            RouterServicer(self.batcher, self.profiles, max_batch_request=settings.max_batch_request),
+            RouterServicer(self.batcher, self.profiles, max_batch_request=settings.max_batch_request,
+                           decision_log=self.decision_log, drift=self.drift),
             self.grpc,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -55,6 +68,57 @@ class RouterServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.host}:{settings.port}")
 
+    def _run_batch(self, queries: Sequence[RouteQuery]) -> list[RouteResult]:
+        """The batcher's one worker: each batch is answered by exactly one model version, the
+        one served when the batch starts (a hot swap takes effect from the next batch)."""
+        results = self.engine.route_batch(queries)
+        if self.shadow is not None:
+            self.shadow.submit(queries, results)
+        return results
+
+    async def reload_model(self) -> bool:
+        """Serve the version models/DEFAULT names now, if it is new and loads cleanly: checked,
+        warmed up and compatible with the default profile, then swapped in for the next batch.
+        A broken version is refused with the reason logged, and the served one stays."""
+        async with self._swap_lock:
+            target = resolve_model_dir(self.settings.model_dir)
+            if target.name == self.engine.version:
+                return False
+            try:
+                model = await asyncio.to_thread(
+                    load_model, target, device=self.settings.device, intra_op_threads=self.settings.intra_op_threads
+                )
+                profiles = ProfileSet.load(self.settings.profiles_path, self.settings.default_profile, model.models)
+                engine = RoutingEngine(model, max_batch_tokens=self.settings.max_batch_tokens)
+                await asyncio.to_thread(self._warm, engine, profiles.get(""))
+            except (ArtifactError, ProfileError, OSError, ValueError) as e:
+                log.error("model %s refused, still serving %s: %s", target.name, self.engine.version, e)
+                return False
+            old = self.engine.version
+            self.profiles.known_models = list(model.models)
+            self.profiles.current = profiles
+            self.engine = engine
+            log.info("model swapped: %s -> %s", old, engine.version)
+            return True
+
+    @staticmethod
+    def _warm(engine: RoutingEngine, profile: Profile) -> None:
+        # The first runs allocate ORT's buffers for short and long inputs, singly and batched.
+        for batch in ([WARMUP_TEXTS[0]], [WARMUP_TEXTS[-1]], WARMUP_TEXTS):
+            engine.route_batch([RouteQuery(t, profile) for t in batch])
+
+    async def _poll(self, interval: float, check: Callable[[], bool], act: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if check():
+                    await act()
+            except Exception:  # a watcher must never die: log and go on
+                log.exception("watcher failed; will retry")
+
+    def _default_changed(self) -> bool:
+        return resolve_model_dir(self.settings.model_dir).name != self.engine.version
+
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
@@ -64,13 +128,16 @@ class RouterServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
         profile = self.profiles.current.get("")
-        # Warm up outside the batcher (its queue limit is for callers): the first runs
-        # allocate ORT's buffers for short and long inputs, singly and batched.
-        for batch in ([WARMUP_TEXTS[0]], [WARMUP_TEXTS[-1]], WARMUP_TEXTS):
-            await asyncio.to_thread(self.engine.route_batch, [RouteQuery(t, profile) for t in batch])
+        # Warm up outside the batcher (its queue limit is for callers).
+        await asyncio.to_thread(self._warm, self.engine, profile)
         self.batcher.start()
         if self.settings.profiles_reload_seconds > 0:
-            self._watch = asyncio.create_task(self._watch_profiles(self.settings.profiles_reload_seconds))
+            self._tasks.append(asyncio.create_task(self._poll(
+                self.settings.profiles_reload_seconds, self.profiles.changed,
+                lambda: asyncio.to_thread(self.profiles.reload))))
+        if self.settings.model_reload_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._poll(
+                self.settings.model_reload_seconds, self._default_changed, self.reload_model)))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving model %s with profiles %s (default %r, version %s) on %s:%d",
@@ -78,19 +145,12 @@ class RouterServer:
             profile.version, self.settings.host, self.port,
         )
 
-    async def _watch_profiles(self, interval: float) -> None:
-        """Poll the profiles file and its price catalog; reload on change (see LiveProfiles)."""
-        while True:
-            await asyncio.sleep(interval)
-            if self.profiles.changed():
-                await asyncio.to_thread(self.profiles.reload)
-
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within `grace` seconds, then stop."""
         grace = self.settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in self._tasks:
+            task.cancel()
         # Drain first, while the transport is fully up: every admitted call gets its answer
         # written before the server sends GOAWAY. New calls meanwhile get UNAVAILABLE.
         try:
@@ -98,6 +158,10 @@ class RouterServer:
         except TimeoutError:
             log.warning("batcher did not drain within %.1fs; stopping anyway", grace)
         await self.grpc.stop(grace)
+        if self.shadow is not None:
+            await asyncio.to_thread(self.shadow.close)
+        if self.decision_log is not None:
+            await asyncio.to_thread(self.decision_log.close)  # writes every decision still buffered
 
     async def wait_for_termination(self) -> None:
         await self.grpc.wait_for_termination()
@@ -116,7 +180,12 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, server.profiles.reload)  # reload profiles now
+
+    def reload_now() -> None:  # SIGHUP: reload the profiles and the model DEFAULT names, now
+        server.profiles.reload()
+        asyncio.ensure_future(server.reload_model())
+
+    loop.add_signal_handler(signal.SIGHUP, reload_now)
     await stopping.wait()
     log.info("signal received: finishing in-flight calls (grace %.1fs)", settings.grace_seconds)
     await server.stop()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import logging
+import os
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -17,7 +20,19 @@ from google.protobuf.message import DecodeError, Message
 
 from router import metrics
 from router.batcher import MicroBatcher, Overloaded, ShuttingDown
+from router.config import Settings
+from router.decisionlog import (
+    DEFAULT_PATH,
+    DecisionLog,
+    DecisionRecord,
+    InvalidOutcome,
+    OutcomeRecord,
+    TierScore,
+    UnknownDecision,
+    encode_embedding,
+)
 from router.engine import RouteQuery, RouteResult
+from router.monitor import DriftMonitor
 from router.policy import EscalationRefused, RequestContext
 from router.profiles import LiveProfiles, Profile, ProfileSet, UnknownProfile
 from router.v1 import router_pb2, router_pb2_grpc
@@ -34,11 +49,17 @@ class InvalidRequest(ValueError):
     """A request the caller must fix; the message starts with the offending field."""
 
 
+class LogUnavailable(RuntimeError):
+    """ReportOutcome on a server without a decision log."""
+
+
 # The one table from domain errors to gRPC status codes.
 STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownProfile: grpc.StatusCode.INVALID_ARGUMENT,
     EscalationRefused: grpc.StatusCode.FAILED_PRECONDITION,
+    UnknownDecision: grpc.StatusCode.NOT_FOUND,
+    LogUnavailable: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
@@ -54,6 +75,8 @@ def status_for(exc: Exception) -> grpc.StatusCode | None:
 def _error_text(exc: Exception) -> str:
     if isinstance(exc, UnknownProfile):
         return f"profile: unknown profile {exc.args[0]!r}"
+    if isinstance(exc, UnknownDecision):
+        return str(exc.args[0]) if exc.args else "unknown decision"
     return str(exc)
 
 
@@ -183,21 +206,99 @@ def to_response(
 # -- the servicer -------------------------------------------------------------------
 
 
+def open_decision_log(settings: Settings) -> DecisionLog | None:
+    """The decision log the settings name (None when 'off'); the salt of prompt hashes comes from
+    the settings or, when empty, from var/decision-log.salt (made on first use)."""
+    if settings.decision_log_url.strip().lower() == "off":
+        log.info("decision log off: decisions are not recorded, ReportOutcome answers UNAVAILABLE")
+        return None
+    salt = settings.decision_log_salt or _local_salt()
+    dlog = DecisionLog(settings.decision_log_url or None, salt=salt)
+    log.info("decision log: %r", dlog)
+    return dlog
+
+
+def _local_salt() -> str:
+    path = DEFAULT_PATH.parent / "decision-log.salt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(secrets.token_hex(32))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return path.read_text().strip()
+
+
+def to_outcome(request: router_pb2.OutcomeRequest) -> OutcomeRecord:
+    _check_id(request.decision_id, "decision_id")
+    _check_id(request.request_id, "request_id")
+    _check_id(request.label, "label")
+    for name in ("rework_cost", "cost_usd", "latency_ms"):
+        value = getattr(request, name)
+        if not 0.0 <= value < float("inf"):
+            raise InvalidRequest(f"{name}: must be a finite number >= 0, got {value}")
+    try:
+        return OutcomeRecord(
+            decision_id=request.decision_id, request_id=request.request_id,
+            success=request.success if request.HasField("success") else None,
+            score=request.score if request.HasField("score") else None,
+            rework=request.rework, rework_cost=request.rework_cost, tokens_in=request.tokens_in,
+            tokens_out=request.tokens_out, cost_usd=request.cost_usd, latency_ms=request.latency_ms,
+            label=request.label,
+        )
+    except InvalidOutcome as e:
+        raise InvalidRequest(str(e)) from None
+
+
+def to_decision_record(
+    resp: router_pb2.RouteResponse, result: RouteResult, query: RouteQuery, request: router_pb2.RouteRequest,
+    dlog: DecisionLog,
+) -> DecisionRecord:
+    profile = query.profile
+    return DecisionRecord(
+        decision_id=resp.decision_id, created_at=dt.datetime.now(dt.UTC), profile=profile.name,
+        tier=resp.tier, model=resp.model, tier_index=result.choice.tier_index,
+        scores=tuple(
+            TierScore(tier=s.tier, model=s.model, quality=q, win_probability=w, expected_cost=c)
+            for s, q, w, c in zip(resp.scores, result.quality, result.win_probability, result.costs, strict=True)
+        ),
+        reason=resp.reason, model_version=resp.model_version, embedding=encode_embedding(result.embedding),
+        prompt_hash=dlog.hash_prompt(query.text), request_id=request.request_id, profile_version=profile.version,
+        workflow=request.workflow, tenant=request.tenant, propensity=result.choice.propensity,
+        input_tokens=result.input_tokens, prompt_chars=len(query.text),
+        prompt=query.text if profile.store_prompts else None,
+    )
+
+
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    """Glue only: check and convert, await the batcher, convert back."""
+    """Glue only: check and convert, await the batcher, convert back, log the decision."""
 
     def __init__(self, batcher: MicroBatcher[RouteQuery, RouteResult], profiles: LiveProfiles,
-                 *, max_batch_request: int) -> None:
+                 *, max_batch_request: int, decision_log: DecisionLog | None = None,
+                 drift: DriftMonitor | None = None) -> None:
         self._batcher = batcher
         self._profiles = profiles
         self._max_batch_request = max_batch_request
+        self._log = decision_log
+        self._drift = drift
+
+    def _answer(self, result: RouteResult, query: RouteQuery, request: router_pb2.RouteRequest,
+                field: str = "") -> router_pb2.RouteResponse:
+        resp = to_response(result, query, request, field)
+        if self._log is not None:
+            self._log.record(to_decision_record(resp, result, query, request, self._log))
+            metrics.DECISIONS_PENDING.set(self._log.pending)
+            metrics.DECISIONS_DROPPED.set(self._log.dropped)
+        if self._drift is not None:
+            self._drift.observe(query, result)
+        return resp
 
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteResponse:
         query = to_query(request, self._profiles.current)
         result = await self._batcher.submit(query)
-        return to_response(result, query, request)
+        return self._answer(result, query, request)
 
     async def RouteBatch(
         self, request: router_pb2.RouteBatchRequest, context: grpc.aio.ServicerContext
@@ -208,9 +309,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         profiles = self._profiles.current  # one version for the whole batch
         queries = [to_query(r, profiles, f"requests[{i}].") for i, r in enumerate(request.requests)]
         results = await self._batcher.submit_many(queries)
+        for i, res in enumerate(results):  # refuse before logging any of them
+            if res.choice.refused:
+                raise EscalationRefused(f"requests[{i}].{res.choice.refused}")
         return router_pb2.RouteBatchResponse(
-            responses=[to_response(res, q, r, f"requests[{i}].")
+            responses=[self._answer(res, q, r, f"requests[{i}].")
                        for i, (res, q, r) in enumerate(zip(results, queries, request.requests, strict=True))]
+        )
+
+    async def ReportOutcome(
+        self, request: router_pb2.OutcomeRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.OutcomeResponse:
+        if self._log is None:
+            raise LogUnavailable("the decision log is off on this server (decision_log_url=off)")
+        outcome = to_outcome(request)
+        stored, created = await asyncio.to_thread(self._log.report_outcome, outcome)  # returns after the commit
+        when = stored.reported_at.isoformat(timespec="seconds") if stored.reported_at else "?"
+        return router_pb2.OutcomeResponse(
+            decision_id=stored.decision_id, created=created,
+            message="recorded" if created else f"already recorded at {when}; nothing changed",
         )
 
 

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 from tests.conftest import REPO
+from tests.integration.serveproc import server_env, start_server
 
 
-def test_serve_process_answers_client_and_stops_on_sigterm():
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "ROUTER_INTRA_OP_THREADS": "1", "ROUTER_METRICS_PORT": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router", "serve", "--port", "0", "--device", "cpu"],
-        cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
-    )
+def test_serve_process_answers_client_and_stops_on_sigterm(tmp_path):
+    env = server_env(tmp_path)
+    proc, port = start_server(env)
     try:
-        port, lines, deadline = None, [], time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            if m := re.search(r"serving model \S+ .* on 127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-        assert port, "server did not report SERVING:\n" + "".join(lines)
         out = subprocess.run(
             [sys.executable, "-m", "router.client", "--target", f"127.0.0.1:{port}",
              "What is the capital of Australia?"],

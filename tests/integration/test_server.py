@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from pathlib import Path
 
 import grpc
 import pytest
@@ -26,9 +28,13 @@ PROMPTS = [
 ]
 
 
+TEST_LOG = Path(tempfile.mkdtemp(prefix="router-test-")) / "decisions.db"
+
+
 def settings(**kw) -> Settings:
     base = dict(host="127.0.0.1", port=0, model_dir=MODELS, profiles_path=PROFILES,
-                device="cpu", intra_op_threads=1, grace_seconds=5.0)
+                device="cpu", intra_op_threads=1, grace_seconds=5.0,
+                decision_log_url=f"sqlite:///{TEST_LOG}", decision_log_salt="test-salt")
     return Settings(**(base | kw))
 
 

@@ -1,0 +1,116 @@
+"""A promoted model version is served without a restart; a broken one is refused; shadow scoring."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import grpc
+
+from router.server import build_server
+from router.v1 import router_pb2, router_pb2_grpc
+from tests.integration.test_server import PROMPTS, settings
+
+
+def copy_version(src: Path, root: Path, name: str) -> Path:
+    """The same weights under another version name (what a retrain writes, minus the training)."""
+    dst = root / name
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["version"] = name
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def point_default(root: Path, name: str) -> None:
+    tmp = root / "DEFAULT.tmp"
+    tmp.write_text(name + "\n")
+    tmp.replace(root / "DEFAULT")  # atomically, as training writes it
+
+
+async def wait_for(predicate, timeout: float = 15.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def test_promoted_version_is_swapped_in_under_load_and_a_broken_one_refused(tmp_path, model_dir):
+    root = tmp_path / "models"
+    root.mkdir()
+    copy_version(model_dir, root, "v1")
+    point_default(root, "v1")
+    srv = build_server(settings(model_dir=root, model_reload_seconds=0.05))
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            assert (await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0]))).model_version == "v1"
+            copy_version(model_dir, root, "v2")
+            stop = asyncio.Event()
+
+            async def caller(i: int) -> list[str]:
+                seen = []
+                while not stop.is_set():
+                    r = await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[i % 4]))
+                    seen.append(r.model_version)
+                return seen
+
+            callers = [asyncio.create_task(caller(i)) for i in range(8)]
+            await asyncio.sleep(0.2)
+            point_default(root, "v2")
+            await wait_for(lambda: srv.engine.version == "v2")
+            await asyncio.sleep(0.2)
+            stop.set()
+            seen = [v for c in await asyncio.gather(*callers) for v in c]  # every call answered
+            assert set(seen) == {"v1", "v2"} and seen.count("v2") > 0
+
+            broken = copy_version(model_dir, root, "v3")
+            (broken / "head.onnx").write_bytes(b"not onnx")
+            point_default(root, "v3")
+            await asyncio.sleep(0.5)
+            assert srv.engine.version == "v2"  # refused: sha256 mismatch, logged
+            assert (await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0]))).model_version == "v2"
+    finally:
+        await srv.stop(grace=1)
+
+
+async def test_shadow_model_scores_beside_without_changing_answers(model_dir):
+    plain = build_server(settings())
+    await plain.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plain.port}") as channel:
+        expected = [await router_pb2_grpc.RouterStub(channel).Route(router_pb2.RouteRequest(prompt=p))
+                    for p in PROMPTS]
+    await plain.stop(grace=1)
+
+    srv = build_server(settings(shadow_model_dir=model_dir))
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            got = [await stub.Route(router_pb2.RouteRequest(prompt=p)) for p in PROMPTS]
+        assert [g.tier for g in got] == [e.tier for e in expected]
+        assert srv.shadow is not None
+        await wait_for(lambda: srv.shadow.compared == len(PROMPTS))
+        assert srv.shadow.disagreed == 0  # the same model as its own shadow agrees with itself
+    finally:
+        await srv.stop(grace=1)
+
+
+async def test_live_tier_shares_are_tracked():
+    srv = build_server(settings(drift_window=10))
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            for _ in range(3):
+                await stub.Route(router_pb2.RouteRequest(prompt="Hi", workflow="legal-review"))
+            for _ in range(12):
+                await stub.Route(router_pb2.RouteRequest(prompt="Hi", min_tier="mid", max_tier="mid"))
+        shares = srv.drift.live.shares("default", ("budget", "mid", "frontier"))
+        assert shares == {"budget": 0.0, "mid": 1.0, "frontier": 0.0}  # the window forgot the first 3
+    finally:
+        await srv.stop(grace=1)

@@ -1,0 +1,98 @@
+"""ReportOutcome and the decision log on the real server: idempotency, errors, privacy, kill -9."""
+
+from __future__ import annotations
+
+import signal
+
+import grpc
+import numpy as np
+import pytest
+
+from router.decisionlog import DecisionLog, decode_embedding
+from router.v1 import router_pb2, router_pb2_grpc
+from tests.integration.serveproc import server_env, start_server
+from tests.integration.test_server import PROMPTS, server, settings, stub  # noqa: F401  (fixtures)
+
+
+async def test_outcome_by_decision_id_is_idempotent(stub):  # noqa: F811
+    resp = await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0], request_id="req-1", workflow="wf"))
+    first = await stub.ReportOutcome(router_pb2.OutcomeRequest(decision_id=resp.decision_id, success=True,
+                                                               cost_usd=0.001, tokens_out=40))
+    assert first.created and first.decision_id == resp.decision_id and first.message == "recorded"
+    again = await stub.ReportOutcome(router_pb2.OutcomeRequest(decision_id=resp.decision_id, success=False))
+    assert not again.created and "already recorded" in again.message
+
+
+async def test_outcome_by_request_id_names_the_newest_decision(stub):  # noqa: F811
+    await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0], request_id="req-2"))
+    newest = await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[1], request_id="req-2"))
+    ack = await stub.ReportOutcome(router_pb2.OutcomeRequest(request_id="req-2", score=0.25))
+    assert ack.created and ack.decision_id == newest.decision_id
+
+
+@pytest.mark.parametrize(
+    "kwargs, code, text",
+    [
+        ({"decision_id": "nope", "success": True}, grpc.StatusCode.NOT_FOUND, "no logged decision with decision_id"),
+        ({"request_id": "nope", "success": True}, grpc.StatusCode.NOT_FOUND, "request_id 'nope'"),
+        ({"success": True}, grpc.StatusCode.INVALID_ARGUMENT, "decision_id: give a decision id or a request id"),
+        ({"decision_id": "x"}, grpc.StatusCode.INVALID_ARGUMENT, "success: give success or score"),
+        ({"decision_id": "x", "score": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "score: 1.5 is not in [0, 1]"),
+        ({"decision_id": "x", "success": True, "cost_usd": -1}, grpc.StatusCode.INVALID_ARGUMENT, "cost_usd"),
+        ({"decision_id": "x", "success": True, "label": "l" * 300}, grpc.StatusCode.INVALID_ARGUMENT, "label"),
+    ],
+)
+async def test_bad_reports(stub, kwargs, code, text):  # noqa: F811
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.ReportOutcome(router_pb2.OutcomeRequest(**kwargs))
+    assert e.value.code() == code and text in e.value.details()
+
+
+async def test_every_decision_is_logged_without_the_prompt(tmp_path):
+    from router.server import build_server
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    srv = build_server(settings(decision_log_url=url, decision_log_salt="s1"))
+    await srv.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        resp = await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[1], workflow="wf", tenant="t"))
+        batch = await stub.RouteBatch(router_pb2.RouteBatchRequest(
+            requests=[router_pb2.RouteRequest(prompt=p) for p in PROMPTS]))
+    await srv.stop(grace=1)  # flushes the buffer
+    with DecisionLog(url, salt="s1") as dlog:
+        assert dlog.count() == 1 + len(batch.responses)
+        rec = dlog.decision(resp.decision_id)
+    assert rec is not None
+    assert (rec.tier, rec.model, rec.reason, rec.workflow, rec.tenant) == (
+        resp.tier, resp.model, resp.reason, "wf", "t")
+    assert rec.profile_version == resp.profile_version and rec.model_version == resp.model_version
+    assert rec.propensity == 1.0 and rec.input_tokens == resp.input_tokens
+    assert [s.quality for s in rec.scores] == pytest.approx([s.quality for s in resp.scores])
+    assert rec.prompt is None  # privacy by default: only the embedding, a salted hash and counts
+    assert rec.prompt_hash == DecisionLog(url, salt="s1").hash_prompt(PROMPTS[1])
+    assert rec.prompt_hash != DecisionLog(url, salt="s2").hash_prompt(PROMPTS[1])
+    emb = decode_embedding(rec.embedding)
+    assert emb.shape == (384,) and abs(float(np.linalg.norm(emb)) - 1.0) < 0.01
+
+
+def test_an_acknowledged_outcome_survives_kill_9(tmp_path):
+    env = server_env(tmp_path)
+    proc, port = start_server(env)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            resp = stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[2], request_id="k9"))
+            ack = stub.ReportOutcome(router_pb2.OutcomeRequest(decision_id=resp.decision_id, success=False,
+                                                               rework=True, rework_cost=0.5))
+            assert ack.created
+            proc.send_signal(signal.SIGKILL)  # no shutdown, no flush: only what was committed survives
+            proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with DecisionLog(env["ROUTER_DECISION_LOG_URL"], salt="test") as dlog:
+        out = dlog.outcome(resp.decision_id)
+        assert out is not None and out.success is False and out.rework and out.rework_cost == 0.5
+        assert dlog.decision(resp.decision_id) is not None
