@@ -339,8 +339,9 @@ def run(args: argparse.Namespace, counts: dict[str, int]) -> dict[str, Any]:
                       None if args.no_naive else NaivePath(model_dir, manifest, args.threads))
     report["machine"]["naive_torch_threads"] = local.naive and local.naive.torch_threads
     sweep_prompts = next(b for b in buckets if b.name == SWEEP_BUCKET).prompts
-    server = ServerProcess(model_dir, threads=args.threads)
+    server = ServerProcess(model_dir, threads=args.threads, decision_log=args.decision_log)
     report["server_command"] = server.command
+    report["decision_log"] = args.decision_log or "on (temporary SQLite file)"
     quiet = QuietRetry(os.getpid(), server.pid, max_cores=args.max_noise,
                        patience_s=args.patience)
     try:
@@ -404,6 +405,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--soak", type=int, default=0,
                    help="after the sweep, this many decisions via RouteBatch, RSS sampled (e.g. 100000)")
     p.add_argument("--no-naive", action="store_true", help="skip sentence-transformers (no torch)")
+    p.add_argument("--decision-log", default="",
+                   help="the server's decision log URL, or 'off' (default: on, a temporary SQLite file)")
     for name, value in FULL.items():
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=f"default {value} ({QUICK[name]} with --quick)")

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -24,11 +25,16 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopb
 class ServerProcess:
     """`python -m router serve` on 127.0.0.1 with port 0 for gRPC and metrics; its log is kept."""
 
-    def __init__(self, model_dir: Path, *, threads: int, startup_timeout: float = 120.0) -> None:
+    def __init__(self, model_dir: Path, *, threads: int, decision_log: str = "",
+                 startup_timeout: float = 120.0) -> None:
         cmd = [sys.executable, "-m", "router", "serve", "--host", "127.0.0.1", "--port", "0",
                "--metrics-port", "0", "--device", "cpu", "--model-dir", str(model_dir),
                "--intra-op-threads", str(threads)]
-        env = os.environ | {"HF_HUB_OFFLINE": "1"}
+        if not decision_log:  # the log is on, as in production, in a throwaway SQLite file
+            self._log_dir = tempfile.TemporaryDirectory(prefix="bench-log-")
+            decision_log = f"sqlite:///{self._log_dir.name}/decisions.db"
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "ROUTER_DECISION_LOG_URL": decision_log,
+                            "ROUTER_DECISION_LOG_SALT": "bench"}
         self.command = cmd
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []

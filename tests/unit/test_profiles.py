@@ -129,3 +129,15 @@ def test_live_profiles_reload_keeps_last_good_on_a_broken_file(tmp_path, caplog)
     assert live.changed() and not live.reload()
     assert live.current is good and "price_input" in (live.last_error or "")
     assert not live.changed()
+
+
+def test_the_documented_example_loads(tmp_path):
+    import re
+
+    doc = (PROFILES.parent.parent / "docs" / "profiles.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", doc, re.S).group(1)
+    (tmp_path / "prices.toml").write_bytes((PROFILES.parent / "prices.toml").read_bytes())
+    profile = load_profiles(write(tmp_path, example))["support"]
+    assert profile.mode == "rework" and len(profile.rules) == 5
+    assert profile.prices[0] == (1.5, 0.6, 9.0)  # the tier's own price beats the catalog
+    assert profile.pinned_prices == {"llama-3.1-70b-instruct": (0.88, 0.88)}
