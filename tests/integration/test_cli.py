@@ -22,7 +22,13 @@ def test_serve_process_answers_client_and_stops_on_sigterm(tmp_path):
         )
         assert out.returncode == 0, out.stderr
         assert re.match(r"tier (budget|mid|frontier) \(", out.stdout)
-        assert "quality" in out.stdout and "decision" in out.stdout
+        assert "quality" in out.stdout and "on the frontier tier" in out.stdout
+        decision = re.search(r"decision ([0-9a-f]{32})", out.stdout).group(1)
+        ack = subprocess.run(
+            [sys.executable, "-m", "router.client", "--target", f"127.0.0.1:{port}", "--outcome", "success", decision],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=30,
+        )
+        assert ack.returncode == 0 and ack.stdout.strip() == f"{decision}: recorded", ack.stderr
         bad = subprocess.run(
             [sys.executable, "-m", "router.client", "--target", f"127.0.0.1:{port}", "--profile", "nope", "x"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=30,
