@@ -40,7 +40,7 @@ def test_small_fit_writes_a_servable_self_describing_version(tmp_path, monkeypat
     model = load_model(version_dir, device="cpu")
     profile = Profile(
         name="p",
-        threshold=0.5,
+        floor=0.5,
         tiers=(Tier(name="weak", model="mixtral-8x7b-instruct-v0.1"), Tier(name="strong", model="gpt-4-1106-preview")),
     )
     (r,) = RoutingEngine(model).route_batch([RouteQuery("What is 2 + 2?", profile)])
