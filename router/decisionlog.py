@@ -506,7 +506,8 @@ class DecisionLog:
     def report_outcome(self, out: OutcomeRecord) -> tuple[OutcomeRecord, bool]:
         """Store an outcome; returns (the stored outcome, created). Idempotent per decision:
         if one is already stored, returns it with created=False and changes nothing.
-        Raises UnknownDecision when no logged decision matches. Returns after the commit."""
+        Raises UnknownDecision when no logged decision matches, and sqlalchemy's OperationalError
+        when the database is unavailable. Returns after the commit."""
         if self._closed:
             raise RuntimeError("decision log is closed")
         key = out.decision_id or _REQUEST_KEY + out.request_id
@@ -623,4 +624,3 @@ class DecisionLog:
             rework=np.array([bool(r.rework) for r in kept], np.bool_),
             cost_usd=np.array([r.cost_usd for r in kept], np.float64),
         )
-

@@ -1,4 +1,4 @@
-"""`python -m training <command>`: fit | evaluate | export-encoder."""
+"""`python -m training <command>`: fit | evaluate | retrain | export-encoder [static] | calibrate | cost-table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import sys
 COMMANDS = {
     "fit": "training.fit",
     "evaluate": "training.crossval",
+    "retrain": "training.retrain",
     "export-encoder": "training.export",
+    "calibrate": "training.calibrate",
+    "cost-table": "training.calibrate:cost_table_main",  # module:function; main when no function is named
 }
 
 
@@ -22,11 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import importlib
 
-    module = importlib.import_module(COMMANDS[argv[0]])
+    module_name, _, entry = COMMANDS[argv[0]].partition(":")
+    module = importlib.import_module(module_name)
     rest = argv[1:]
-    if argv[0] == "export-encoder":
-        rest = ["encoder", *rest]
-    return int(module.main(rest))
+    if argv[0] == "export-encoder":  # `export-encoder [--layers N] ...` is MiniLM; `export-encoder static ...`
+        rest = rest if rest[:1] == ["static"] else ["encoder", *rest]
+    return int(getattr(module, entry or "main")(rest))
 
 
 if __name__ == "__main__":

@@ -193,7 +193,12 @@ def write_version(
     metrics: dict[str, Any],
     encoder_meta: dict[str, Any],
     run_id: str | None,
+    *,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
+    """Write <models_dir>/<version>/ (head exported with a parity check on X's first rows, which
+    must be `data`'s prompts) and, with cfg.set_default, point DEFAULT at it. `provenance` adds
+    to the manifest's training record (e.g. the decision log a retrain learned from)."""
     version = cfg.version or f"{dt.date.today():%Y%m%d}-{result_hash(cfg, data, encoder_meta)[:8]}"
     out = Path(cfg.models_dir) / version
     tmp = out.with_name(out.name + ".tmp")
@@ -242,6 +247,7 @@ def write_version(
             "data": data.files,
             "data_sha256": D.data_hash(data.files),
             "train_loss": head.train_loss_,
+            **(provenance or {}),
         },
         "licenses": licenses,
         "metrics": metrics,
@@ -256,7 +262,18 @@ def write_version(
     return out
 
 
-def fit(cfg: FitConfig) -> dict[str, Any]:
+@dataclass
+class Prepared:
+    """The base data embedded and split by prompt hash: what fit and retrain start from."""
+
+    data: D.RoutingData
+    terms: Terms
+    X: np.ndarray  # (N, dim + 2) head inputs, one row per prompt
+    fold: np.ndarray  # (N,) fold of each prompt
+    encoder_meta: dict[str, Any]
+
+
+def prepare(cfg: FitConfig) -> Prepared:
     # 1. data: every prompt of the chosen files, outcome terms in long form
     data = D.load(cfg.datasets, Path(cfg.data_dir), cfg.limit)
     terms = build_terms(data)
@@ -267,13 +284,44 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     encoder_meta = json.loads((enc_dir / "encoder.json").read_text("utf-8"))
     embedder = Embedder(enc_dir / "encoder.onnx", enc_dir / "tokenizer.json", int(encoder_meta["max_tokens"]))
     X = head_inputs(embedder.embed(data.prompts), data.prompts)  # (N, dim + 2)
+    return Prepared(data, terms, X, D.folds(data.prompts, cfg.k_folds), encoder_meta)
 
+
+def append_rows(X: np.ndarray, terms: Terms, X_extra: np.ndarray, extra: Terms) -> tuple[np.ndarray, Terms]:
+    """Head inputs and terms with extra rows (their `row` counts from 0) after the first ones."""
+    w = np.ones(len(terms.target), np.float32) if terms.weight is None else terms.weight
+    w_extra = np.ones(len(extra.target), np.float32) if extra.weight is None else extra.weight
+    joined = Terms(
+        np.concatenate([terms.row, extra.row + len(X)]),
+        np.concatenate([terms.model, extra.model]),
+        np.concatenate([terms.dataset, extra.dataset]),
+        np.concatenate([terms.target, extra.target]),
+        terms.compare,
+        terms.reference,
+        terms.n_models,
+        np.concatenate([w, w_extra]),
+    )
+    return np.vstack([X, X_extra]).astype(np.float32), joined
+
+
+def train_head(cfg: FitConfig, prep: Prepared, extra: tuple[np.ndarray, Terms] | None = None) -> WinRateHead:
+    """Fit on the training folds (plus `extra` rows and terms, e.g. logged outcomes), then fit
+    the win temperature on the training prompts."""
     # 3. split by prompt hash and fit on the training folds only
-    fold = D.folds(data.prompts, cfg.k_folds)
-    train = fold[terms.row] != cfg.holdout_fold
+    train = prep.fold[prep.terms.row] != cfg.holdout_fold
+    X, terms = prep.X, prep.terms.subset(train)
+    if extra is not None:
+        X, terms = append_rows(X, terms, *extra)
     head = cfg.make_head()
-    head.fit(X, terms.subset(train))
-    head.win_temperature_ = fit_win_temperature(data, head, X, np.nonzero(fold != cfg.holdout_fold)[0])
+    head.fit(X, terms)
+    head.win_temperature_ = fit_win_temperature(prep.data, head, prep.X, np.nonzero(prep.fold != cfg.holdout_fold)[0])
+    return head
+
+
+def fit(cfg: FitConfig) -> dict[str, Any]:
+    prep = prepare(cfg)
+    data, terms, X, fold, encoder_meta = prep.data, prep.terms, prep.X, prep.fold, prep.encoder_meta
+    head = train_head(cfg, prep)
 
     # 4. held-out figures beside baselines, then export with a parity check
     metrics = heldout_metrics(data, terms, head, X, fold, cfg)

@@ -41,6 +41,7 @@ class Terms:
     compare: tuple[str, ...]  # per data set: "bar" or "reference"
     reference: int  # model index of the reference in "reference" data sets
     n_models: int
+    weight: F32 | None = None  # (K,) per-term weight on top of the data set's (None: 1.0 each)
 
     def subset(self, keep: npt.NDArray[np.bool_]) -> Terms:
         return Terms(
@@ -51,6 +52,7 @@ class Terms:
             self.compare,
             self.reference,
             self.n_models,
+            None if self.weight is None else self.weight[keep],
         )
 
 
@@ -114,6 +116,8 @@ class WinRateHead:
         y = torch.from_numpy(terms.target)
         is_bar = torch.tensor([c == "bar" for c in terms.compare])[dset]  # (K,)
         weight = torch.where(is_bar, 1.0, self.reference_weight)
+        if terms.weight is not None:
+            weight = weight * torch.from_numpy(np.asarray(terms.weight, np.float32))
         weight = weight / weight.mean()
 
         # 1. parameters (RouteLLM's MF: projection P, model vectors V, biases)

@@ -1,0 +1,170 @@
+"""Retrain from a decision log at small size: real prompts and labels, a tmp models root and MLflow store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from router.artifacts import load_model, read_manifest  # noqa: E402
+from router.decisionlog import DecisionLog, DecisionRecord, OutcomeRecord, TierScore, encode_embedding  # noqa: E402
+from tests.conftest import MODELS, require_data  # noqa: E402
+from training import data as D  # noqa: E402
+from training.embed import Embedder  # noqa: E402
+from training.fit import FitConfig, fit  # noqa: E402
+from training.retrain import GATE_RULE, gate, main, time_split  # noqa: E402
+
+ENCODER = MODELS / "encoder" / "all-MiniLM-L6-v2-int8"
+BASE_LIMIT = 800  # base rows (MMLU only): about 80 held-out prompts for APGR
+WEAK, STRONG = "mixtral-8x7b-instruct-v0.1", D.REFERENCE_MODEL
+T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+
+
+def write_log(url: str, data_dir: Path, model_version: str, n: int = 400, seed: int = 0) -> None:
+    """n decisions on real MMLU prompts the base data leaves out (random subjects), a strong/weak pair, with the
+    real label of the chosen model as the outcome. The newer half explores (epsilon 0.5)."""
+    rng = np.random.default_rng(seed)
+    rest = D.read_jsonl(data_dir / "mmlu.jsonl.gz")[BASE_LIMIT:]
+    records = [rest[i] for i in rng.choice(len(rest), n, replace=False)]  # the file is sorted by subject
+    prompts = [str(r["prompt"]) for r in records]
+    meta = json.loads((ENCODER / "encoder.json").read_text())
+    emb = Embedder(ENCODER / "encoder.onnx", ENCODER / "tokenizer.json", int(meta["max_tokens"])).embed(prompts)
+    with DecisionLog(url, salt="test-salt") as log:
+        for i, (rec, text) in enumerate(zip(records, prompts, strict=True)):
+            greedy = int(len(text) > 400)  # long prompts go to the strong tier
+            explore = i >= n // 2
+            tier = int(rng.integers(2)) if explore and rng.random() < 0.5 else greedy
+            propensity = (0.75 if tier == greedy else 0.25) if explore else 1.0
+            model = (WEAK, STRONG)[tier]
+            log.record(
+                DecisionRecord(
+                    decision_id=f"d{i:04d}",
+                    request_id=f"r{i:04d}",
+                    created_at=T0 + dt.timedelta(minutes=i),
+                    profile="routellm-pair",
+                    tier=("weak", "strong")[tier],
+                    model=model,
+                    tier_index=tier,
+                    scores=(
+                        TierScore(tier="weak", model=WEAK, quality=0.6, win_probability=0.5),
+                        TierScore(tier="strong", model=STRONG, quality=0.8, win_probability=0.6),
+                    ),
+                    reason="exploration" if explore else "classifier",
+                    model_version=model_version,
+                    propensity=propensity,
+                    prompt_chars=len(text),
+                    prompt_hash=log.hash_prompt(text),
+                    embedding=encode_embedding(emb[i]),
+                )
+            )
+            label = float(rec["outcomes"][model])  # type: ignore[index]
+            log.report_outcome(OutcomeRecord(decision_id=f"d{i:04d}", success=label > 0.5, cost_usd=0.001))
+
+
+def flipped_mmlu(data_dir: Path, out_dir: Path) -> Path:
+    """A copy of the base MMLU rows with every outcome inverted: a live model trained on it is
+    confidently wrong, so a candidate trained on the real labels must beat it on every check."""
+    out_dir.mkdir()
+    rows = D.read_jsonl(data_dir / "mmlu.jsonl.gz")[:BASE_LIMIT]
+    with gzip.open(out_dir / "mmlu.jsonl.gz", "wt", encoding="utf-8") as f:
+        for r in rows:
+            flipped = {m: 1.0 - float(y) for m, y in r["outcomes"].items()}  # type: ignore[attr-defined]
+            f.write(json.dumps(r | {"outcomes": flipped}) + "\n")
+    return out_dir
+
+
+def test_retrain_promotes_a_candidate_that_beats_the_live_model(tmp_path, monkeypatch, capsys):
+    data_dir = require_data()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    models = tmp_path / "models"
+    live_cfg = FitConfig(
+        datasets=["mmlu"], data_dir=str(flipped_mmlu(data_dir, tmp_path / "flipped")), encoder_dir=str(ENCODER),
+        models_dir=str(models), limit=BASE_LIMIT, steps=30, track=False,
+    )  # fmt: skip
+    live = Path(fit(live_cfg)["out_dir"])
+    url = f"sqlite:///{tmp_path}/decisions.db"
+    write_log(url, data_dir, live.name)
+    args = [
+        "--from-log", url, "--models-dir", str(models), "--data-dir", str(data_dir), "--encoder-dir", str(ENCODER),
+        "--datasets", "mmlu", "--limit", str(BASE_LIMIT), "--steps", "30", "--min-outcomes", "100",
+        "--holdout-frac", "0.25",
+    ]  # fmt: skip
+
+    # a dry run compares and prints the gate, and writes nothing
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert GATE_RULE in out and "held out the newest 100" in out and "IPS success rate" in out
+    assert (models / "DEFAULT").read_text().strip() == live.name
+    assert sorted(p.name for p in models.iterdir()) == sorted(["DEFAULT", live.name])
+    assert not (tmp_path / "mlflow.db").exists()
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["promoted"] is True and summary["live_version"] == live.name, out
+    new = models / summary["candidate_version"]
+    assert Path(summary["out_dir"]) == new and (models / "DEFAULT").read_text().strip() == new.name
+    manifest = read_manifest(new)
+    window = manifest.model_extra["training"]["decision_log"]  # type: ignore[index]
+    assert window["outcomes_trained"] == 300 and window["outcomes_held_out"] == 100
+    assert window["live_version"] == live.name and "decision_log" in manifest.metrics
+    load_model(new, device="cpu")  # servable
+    print(out)  # shown with -s: the comparison and the gate
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(summary["mlflow_run_id"])
+    logged = {"candidate.decision_log.log_loss", "live.decision_log.log_loss", "candidate.decision_log.ips.success_ips"}
+    assert logged <= set(run.data.metrics) and run.data.metrics["candidate.base.mmlu_routing.router_floor.apgr"] > 0
+    assert run.data.tags["promoted"] == "true" and run.data.params["from_log"] == url
+    (mv,) = client.search_model_versions("name='tier-router'")
+    assert mv.tags["manifest_version"] == new.name
+
+
+def test_too_few_outcomes_fit_nothing(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/decisions.db"
+    DecisionLog(url).close()
+    assert main(["--from-log", url, "--models-dir", str(tmp_path), "--min-outcomes", "10"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["promoted"] is False and "fewer than --min-outcomes 10" in summary["reason"]
+
+
+def figures(log_loss: float, ece: float, apgr: float | None) -> dict:
+    out: dict = {"decision_log": {"log_loss": log_loss, "ece": ece}}
+    if apgr is not None:
+        out["base"] = {"mmlu_routing": {"router_floor": {"apgr": apgr}}}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("candidate", "promote"),
+    [
+        (figures(0.501, 0.03, 0.59), True),  # within every slack
+        (figures(0.503, 0.02, 0.70), False),  # log loss worse by more than 0.002
+        (figures(0.40, 0.061, 0.70), False),  # ECE above max(live + 0.01, 0.05)
+        (figures(0.40, 0.049, 0.70), True),  # ECE under the 0.05 ceiling
+        (figures(0.40, 0.02, 0.579), False),  # APGR down by more than 0.01
+        (figures(math.nan, 0.02, 0.70), False),  # a NaN never passes
+        (figures(0.40, 0.02, None), True),  # no base APGR: that check is skipped
+    ],
+)
+def test_the_gate(candidate, promote):
+    live = figures(0.500, 0.04, 0.59)
+    ok, lines = gate(candidate, live)
+    assert ok is promote, lines
+    assert len(lines) == 3 and all(line.startswith(("[pass]", "[FAIL]", "[skip]")) for line in lines)
+
+
+def test_time_split_holds_out_the_newest():
+    train, held = time_split(10, 0.2)
+    assert train.tolist() == list(range(8)) and held.tolist() == [8, 9]
+    assert len(time_split(3, 0.9)[0]) == 1  # something is always left to train on

@@ -1,0 +1,418 @@
+"""`python -m training retrain --from-log URL`: fit a candidate head on logged outcomes plus the base
+data, compare it with the live model on the newest logged outcomes, and promote it only if it does
+not regress.
+
+A logged outcome says how the chosen model did on one prompt: exactly the head's correctness term
+sigmoid(ability_m(x) - difficulty(x)) for that model (training.model), so it joins the base data's
+terms with weight `log_weight`, under the base data's correctness ("bar") data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from router.artifacts import LoadedModel, load_model, read_manifest, resolve_model_dir
+from router.decisionlog import DecisionLog, LabeledDecisions
+from router.scoring import LENGTH_CENTER, LENGTH_SCALE, length_features, sigmoid
+from training import evaluate as E
+from training import fit as F
+from training.model import HEAD_FIELDS, Terms, WinRateHead
+
+log = logging.getLogger(__name__)
+
+# -- the promotion gate ------------------------------------------------------------------
+LOG_LOSS_SLACK = 0.002  # candidate log loss on held-out logged outcomes <= live + this
+ECE_SLACK = 0.01  # candidate ECE <= max(live ECE + this, ECE_CEILING)
+ECE_CEILING = 0.05
+APGR_SLACK = 0.01  # base-data APGR >= live - this
+APGR_PATH = ("mmlu_routing", "router_floor", "apgr")  # serving's floor rule, MMLU strong/weak pair, held-out fold
+GATE_RULE = (
+    f"promote iff, on the held-out (newest) logged outcomes, log loss <= live + {LOG_LOSS_SLACK} and "
+    f"ECE <= max(live ECE + {ECE_SLACK}, {ECE_CEILING}); and, on the base data's held-out fold, "
+    f"APGR (MMLU strong/weak pair, quality-floor rule) >= live - {APGR_SLACK} (skipped without MMLU)"
+)
+
+Logits = Callable[[npt.NDArray[np.float32], npt.NDArray[np.float32]], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass
+class RetrainConfig(F.FitConfig):
+    """FitConfig (the base data, the head, where versions go) plus where outcomes come from."""
+
+    from_log: str = ""  # the decision log: an SQLAlchemy URL, or an SQLite file path
+    live_dir: str = ""  # the live model: a version or a models root ("": models_dir, its DEFAULT)
+    holdout_frac: float = 0.2  # the newest share of logged outcomes, held out to compare candidate and live
+    min_outcomes: int = 200  # with fewer logged outcomes, nothing is fitted
+    log_weight: float = 1.0  # weight of one logged outcome relative to one base-data correctness term
+    ips_floor: float = 0.5  # quality floor both heads decide with in the off-policy (IPS) estimate
+    dry_run: bool = False  # fit and compare only: no version written, nothing tracked
+
+    def fit_config(self) -> F.FitConfig:
+        return F.FitConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(F.FitConfig)})
+
+
+def log_url(value: str) -> str:
+    """An SQLAlchemy URL as given; a plain path is an SQLite file."""
+    return value if "://" in value else f"sqlite:///{Path(value).resolve()}"
+
+
+def redact(url: str) -> str:
+    import sqlalchemy as sa
+
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+# -- logged outcomes -> rows and terms -------------------------------------------------------
+
+
+def time_split(n: int, holdout_frac: float) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(train, held-out) positions of n rows sorted oldest first: the newest share is held out."""
+    n_hold = min(n - 1, max(1, int(round(n * holdout_frac))))
+    return np.arange(n - n_hold), np.arange(n - n_hold, n)
+
+
+def logged_inputs(logged: LabeledDecisions) -> npt.NDArray[np.float32]:
+    """Head inputs of logged decisions, as training.fit.head_inputs builds them from prompts."""
+    return np.hstack([logged.embedding, length_features(logged.prompt_chars)]).astype(np.float32)
+
+
+def logged_terms(logged: LabeledDecisions, base: Terms, models: list[str], weight: float) -> Terms:
+    """One correctness term per logged outcome (the chosen model on that prompt), rows from 0."""
+    bar = [d for d, c in enumerate(base.compare) if c == "bar"]
+    if not bar:
+        raise ValueError("logged outcomes are correctness terms: train with a 'bar' data set (--datasets mmlu,...)")
+    return Terms(
+        row=np.arange(len(logged), dtype=np.int64),
+        model=np.array([models.index(m) for m in logged.model], np.int64),
+        dataset=np.full(len(logged), bar[0], np.int64),
+        target=logged.outcome.astype(np.float32),
+        compare=base.compare,
+        reference=base.reference,
+        n_models=base.n_models,
+        weight=np.full(len(logged), weight, np.float32),
+    )
+
+
+def usable(logged: LabeledDecisions, models_root: Path, encoder_sha256: str, *known: list[str]) -> LabeledDecisions:
+    """The rows both heads can learn from and be compared on: the chosen model is known to each
+    head in `known`, and the decision's model version (when on disk) used this encoder."""
+    keep = np.ones(len(logged), bool)
+    for models in known:
+        keep &= np.isin(logged.model, models)
+    if (~keep).any():
+        log.warning("left out %d logged outcomes of models the heads do not know", int((~keep).sum()))
+    for version in set(logged.model_version):
+        try:
+            sha = read_manifest(models_root / version).encoder.sha256
+        except Exception:
+            log.warning("model version %s is not in %s; its embeddings are assumed comparable", version, models_root)
+            continue
+        if sha != encoder_sha256:
+            same = np.array([v == version for v in logged.model_version])
+            log.warning("left out %d logged outcomes of %s: another encoder", int(same.sum()), version)
+            keep &= ~same
+    return logged.take(np.nonzero(keep)[0])
+
+
+# -- both heads, seen the same way -------------------------------------------------------------
+
+
+class OnnxHead(WinRateHead):
+    """The live head.onnx behind WinRateHead's read API (logits, term_probability), its columns in
+    `models` order, so training.fit's held-out figures run on it unchanged."""
+
+    def __init__(self, model: LoadedModel, models: list[str], datasets: list[str]) -> None:
+        super().__init__()
+        self.session = model.head
+        self.dim = model.manifest.head.input_dim
+        self.columns_ = [model.models.index(m) for m in models]  # ValueError: a model live does not know
+        self.win_temperature_ = model.manifest.head.win_temperature
+        offsets = (model.manifest.head.model_extra or {}).get("judge_offsets", {})
+        self.offset_ = np.array([offsets.get(d, 0.0) for d in datasets], np.float32)
+
+    def logits(self, X: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        # head.onnx computes the length features from characters: invert them (exact to ~1e-6)
+        chars = np.expm1(X[:, self.dim].astype(np.float64) / LENGTH_SCALE + LENGTH_CENTER)
+        ability, difficulty = run_onnx_head(self.session, X[:, : self.dim], chars)
+        return ability[:, self.columns_], difficulty
+
+
+def run_onnx_head(session: Any, embedding: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    feeds = {"embedding": np.ascontiguousarray(embedding, np.float32), "prompt_chars": chars.astype(np.float32)}
+    ability, difficulty = session.run(["ability", "difficulty"], feeds)
+    return ability, difficulty
+
+
+def logged_metrics(logits: Logits, models: list[str], logged: LabeledDecisions, floor: float) -> dict[str, Any]:
+    """How well a head's quality for the chosen model predicts the logged outcome; and, where
+    decisions explored (propensity < 1), the IPS estimate of its policy's success rate."""
+    ability, difficulty = logits(logged.embedding, logged.prompt_chars)
+    col = {m: i for i, m in enumerate(models)}
+    n = len(logged)
+    q = sigmoid(ability[np.arange(n), [col[m] for m in logged.model]] - difficulty)
+    y = logged.outcome
+    out: dict[str, Any] = {
+        "outcomes": n,
+        "log_loss": E.log_loss(q, y),
+        "ece": E.expected_calibration_error(q, y),
+        "auc": E.auc(q, y),
+        "brier": E.brier(q, y),
+        "mean_quality": float(q.mean()),
+        "mean_outcome": float(y.mean()),
+    }
+    ips = off_policy(ability, difficulty, col, logged, floor)
+    if ips is not None:
+        out["ips"] = ips
+    return out
+
+
+def off_policy(
+    ability: np.ndarray, difficulty: np.ndarray, col: dict[str, int], logged: LabeledDecisions, floor: float
+) -> dict[str, float] | None:
+    """Inverse propensity scoring over the decisions that explored: the head's policy (the cheapest
+    logged tier whose quality clears `floor`, else the last) earns outcome / propensity where it
+    agrees with the logged choice. SNIPS normalizes by the summed weights (lower variance)."""
+    rows = [i for i in np.nonzero(logged.propensity < 1.0)[0] if all(s.model in col for s in logged.scores[i])]
+    if not rows:
+        return None
+    match, weight, reward, cost = [], [], [], []
+    for i in rows:
+        q = sigmoid(ability[i, [col[s.model] for s in logged.scores[i]]] - difficulty[i])
+        clears = np.nonzero(q >= floor)[0]
+        choice = int(clears[0]) if len(clears) else len(q) - 1
+        match.append(choice == logged.tier_index[i])
+        weight.append(1.0 / logged.propensity[i])
+        reward.append(logged.outcome[i])
+        cost.append(logged.cost_usd[i])
+    m, w, r, c = (np.asarray(a, np.float64) for a in (match, weight, reward, cost))
+    return {
+        "decisions": len(rows),
+        "floor": floor,
+        "agreement": float(m.mean()),
+        "success_ips": float((m * w * r).mean()),
+        "success_snips": float((m * w * r).sum() / (m * w).sum()) if m.any() else float("nan"),
+        "cost_usd_ips": float((m * w * c).mean()),
+        "success_logged": float(r.mean()),
+    }
+
+
+def dig(metrics: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    for key in path:
+        if not isinstance(metrics, dict) or key not in metrics:
+            return None
+        metrics = metrics[key]
+    return float(metrics)  # type: ignore[arg-type]
+
+
+def gate(candidate: dict[str, Any], live: dict[str, Any]) -> tuple[bool, list[str]]:
+    """GATE_RULE applied: (promote, one line per check). A NaN or missing figure fails its check,
+    except APGR, which is skipped when either side has none (no MMLU in the base data)."""
+    c, lv = candidate["decision_log"], live["decision_log"]
+    ece_bar = max(lv["ece"] + ECE_SLACK, ECE_CEILING)
+    checks = [
+        (c["log_loss"] <= lv["log_loss"] + LOG_LOSS_SLACK,
+         f"log loss   {c['log_loss']:.4f} <= {lv['log_loss']:.4f} + {LOG_LOSS_SLACK}"),
+        (c["ece"] <= ece_bar, f"ECE        {c['ece']:.4f} <= max({lv['ece']:.4f} + {ECE_SLACK}, {ECE_CEILING})"),
+    ]  # fmt: skip
+    ca, la = dig(candidate.get("base", {}), APGR_PATH), dig(live.get("base", {}), APGR_PATH)
+    if ca is None or la is None:
+        lines = [f"[{'pass' if ok else 'FAIL'}] {text}" for ok, text in checks]
+        return all(ok for ok, _ in checks), [*lines, "[skip] APGR: no base-data figures for both heads"]
+    checks.append((ca >= la - APGR_SLACK, f"base APGR  {ca:.4f} >= {la:.4f} - {APGR_SLACK}"))
+    return all(ok for ok, _ in checks), [f"[{'pass' if ok else 'FAIL'}] {text}" for ok, text in checks]
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def retrain(cfg: RetrainConfig) -> dict[str, Any]:
+    url = log_url(cfg.from_log)
+    fit_cfg = cfg.fit_config()
+    models_root = Path(cfg.models_dir)
+    live_dir = resolve_model_dir(Path(cfg.live_dir or cfg.models_dir))
+
+    # 1. logged decisions with outcomes, oldest first
+    with DecisionLog(url) as decision_log:
+        logged = decision_log.labeled()
+    result: dict[str, Any] = {"from_log": redact(url), "logged_outcomes": len(logged), "promoted": False}
+    if len(logged) < max(cfg.min_outcomes, 2):
+        result["reason"] = f"{len(logged)} logged outcomes, fewer than --min-outcomes {cfg.min_outcomes}"
+        return result
+
+    # 2. the base data (embedded, split), and the live model, which must share its encoder
+    prep = F.prepare(fit_cfg)
+    data, encoder_sha = prep.data, prep.encoder_meta["sha256"]
+    live = load_model(live_dir, device="cpu", intra_op_threads=1)
+    if live.manifest.encoder.sha256 != encoder_sha:
+        raise ValueError(
+            f"live model {live.version} has another encoder than {cfg.encoder_dir}: logged embeddings come "
+            "from the live encoder, so the candidate must use the same one (--encoder-dir)"
+        )
+    logged = usable(logged, models_root, encoder_sha, data.models, live.models)
+    if len(logged) < max(cfg.min_outcomes, 2):
+        result["reason"] = f"{len(logged)} usable logged outcomes, fewer than --min-outcomes {cfg.min_outcomes}"
+        return result
+    if logged.embedding.shape[1] != live.manifest.encoder.dim:
+        dim = live.manifest.encoder.dim
+        raise ValueError(f"logged embeddings are {logged.embedding.shape[1]}-d, the encoder's {dim}")
+    train_idx, hold_idx = time_split(len(logged), cfg.holdout_frac)
+    train_log, held = logged.take(train_idx), logged.take(hold_idx)
+    log.info("%d logged outcomes: %d to train on, the newest %d held out", len(logged), len(train_log), len(held))
+
+    # 3. the candidate: base training folds plus the older logged outcomes
+    extra = (logged_inputs(train_log), logged_terms(train_log, prep.terms, data.models, cfg.log_weight))
+    head = F.train_head(fit_cfg, prep, extra)
+
+    # 4. both heads on the held-out logged outcomes and on the base data's held-out fold
+    def candidate_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return head.logits(np.hstack([emb, length_features(chars)]))
+
+    def live_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return run_onnx_head(live.head, emb, chars)
+
+    candidate = {
+        "decision_log": logged_metrics(candidate_logits, data.models, held, cfg.ips_floor),
+        "base": F.heldout_metrics(data, prep.terms, head, prep.X, prep.fold, fit_cfg),
+    }
+    live_metrics: dict[str, Any] = {"decision_log": logged_metrics(live_logits, live.models, held, cfg.ips_floor)}
+    try:
+        live_head = OnnxHead(live, data.models, data.datasets)
+        live_metrics["base"] = F.heldout_metrics(data, prep.terms, live_head, prep.X, prep.fold, fit_cfg)
+    except ValueError as e:
+        log.warning("no base-data figures for the live model (%s)", e)
+    promote, checks = gate(candidate, live_metrics)
+
+    # 5. the candidate's name: its fit config and data, plus the logged outcomes it learned from
+    digest = hashlib.sha256()
+    digest.update(F.result_hash(fit_cfg, data, prep.encoder_meta).encode())
+    digest.update(f"log_weight={cfg.log_weight};".encode())
+    for d, y in zip(train_log.decision_id, train_log.outcome.tolist(), strict=True):
+        digest.update(f"{d}:{y};".encode())
+    version = cfg.version or f"{dt.date.today():%Y%m%d}-{digest.hexdigest()[:8]}"
+    window = {
+        "from_log": redact(url),
+        "outcomes_trained": len(train_log),
+        "outcomes_held_out": len(held),
+        "trained_until": str(train_log.created_at[-1]) if len(train_log) else None,
+        "held_out_from": str(held.created_at[0]),
+        "held_out_until": str(held.created_at[-1]),
+        "log_weight": cfg.log_weight,
+        "holdout_frac": cfg.holdout_frac,
+        "live_version": live.version,
+    }
+    result |= {
+        "live_version": live.version,
+        "candidate_version": version,
+        "window": window,
+        "gate": {"rule": GATE_RULE, "checks": checks, "promote": promote},
+        "candidate": candidate,
+        "live": live_metrics,
+    }
+    if cfg.dry_run:
+        result["reason"] = "dry run: nothing written"
+        return result
+
+    # 6. tracked: both heads' figures; a promoted candidate is written, pointed at and registered
+    manifest_metrics = candidate["base"] | {"decision_log": candidate["decision_log"], "promotion_gate": checks}
+    write_cfg = dataclasses.replace(fit_cfg, version=version, set_default=True)
+    provenance = {"decision_log": window}
+
+    def publish(run_id: str | None) -> Path:
+        return F.write_version(
+            write_cfg, data, head, prep.X, manifest_metrics, prep.encoder_meta, run_id, provenance=provenance
+        )
+
+    if not cfg.track:
+        if promote:
+            result |= {"promoted": True, "out_dir": str(publish(None))}
+        return result
+
+    from training import tracking
+
+    params = F.portable_config(cfg) | {"from_log": redact(url)}
+    with tracking.run("retrain", params, {"kind": "retrain", "promoted": str(promote).lower()}) as run:
+        run.log_metrics({"candidate": candidate, "live": live_metrics, "promoted": promote})
+        run.log_dict({k: v for k, v in result.items() if k not in ("candidate", "live")}, "retrain.json")
+        if promote:
+            out = publish(run.run_id)
+            run.log_artifact(out, "model")
+            registry_version = tracking.register(run.run_id, "model", out.name, f"models/{out.name} (retrain)")
+            result |= {"promoted": True, "out_dir": str(out), "registry_version": registry_version}
+    result["mlflow_run_id"] = run.run_id
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    """The comparison and the gate, for people."""
+    lines = [f"decision log {result['from_log']}: {result['logged_outcomes']} outcomes"]
+    if "gate" not in result:
+        return "\n".join([*lines, result.get("reason", "")])
+    w = result["window"]
+    lines.append(
+        f"  trained on {w['outcomes_trained']} (until {w['trained_until']}), held out the newest "
+        f"{w['outcomes_held_out']} ({w['held_out_from']} .. {w['held_out_until']}; "
+        f"mean outcome {result['candidate']['decision_log']['mean_outcome']:.4f})"
+    )
+    c, lv = result["candidate"], result["live"]
+    rows = [
+        ("log loss (held-out log)", ("decision_log", "log_loss")),
+        ("ECE (held-out log)", ("decision_log", "ece")),
+        ("AUC (held-out log)", ("decision_log", "auc")),
+        ("mean predicted quality", ("decision_log", "mean_quality")),
+        ("IPS success rate", ("decision_log", "ips", "success_ips")),
+        ("SNIPS success rate", ("decision_log", "ips", "success_snips")),
+        ("IPS cost per request (USD)", ("decision_log", "ips", "cost_usd_ips")),
+        ("base APGR (MMLU, floor)", ("base", *APGR_PATH)),
+    ]
+    lines.append(f"  {'':26}{'live ' + result['live_version']:>28}{'candidate ' + result['candidate_version']:>30}")
+    for name, path in rows:
+        a, b = dig(lv, path), dig(c, path)
+        if a is None and b is None:
+            continue
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"  {name:26}{fmt(a):>28}{fmt(b):>30}")
+    if "ips" in c["decision_log"]:
+        ips = c["decision_log"]["ips"]
+        lines.append(f"  (IPS: {ips['decisions']} exploring decisions; both heads decide at floor {ips['floor']})")
+    lines.append("gate: " + result["gate"]["rule"])
+    lines += ["  " + line for line in result["gate"]["checks"]]
+    if result["promoted"]:
+        lines.append(f"PROMOTED {result['candidate_version']} -> {result['out_dir']} (DEFAULT now names it)")
+    else:
+        lines.append(f"not promoted: {result.get('reason') or 'the candidate regresses on a check above'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = RetrainConfig()
+    p = argparse.ArgumentParser(prog="python -m training retrain", description=__doc__)
+    p.add_argument(
+        "--from-log", required=True, help="the decision log: a URL (sqlite:///..., postgresql+psycopg://...) or a file"
+    )
+    p.add_argument("--datasets", default=",".join(defaults.datasets), help="base data sets, comma-separated (as fit)")
+    p.add_argument("--no-track", dest="track", action="store_false", help="skip MLflow")
+    p.add_argument("--dry-run", action="store_true", help="fit and compare; write no version and track nothing")
+    for name in (
+        "holdout_frac", "min_outcomes", "log_weight", "ips_floor", "live_dir",
+        "data_dir", "encoder_dir", "models_dir", "version", "k_folds", "holdout_fold", *HEAD_FIELDS, "limit",
+    ):  # fmt: skip
+        flag, kind = "--" + name.replace("_", "-"), F.arg_type(RetrainConfig, name)
+        p.add_argument(flag, type=kind, default=getattr(defaults, name))
+    args = vars(p.parse_args(argv))
+    args["datasets"] = [d for d in args["datasets"].split(",") if d]
+    result = retrain(RetrainConfig(**args))
+    print(report(result))
+    keys = ("promoted", "candidate_version", "live_version", "out_dir", "mlflow_run_id", "registry_version", "reason")
+    print(json.dumps({k: result[k] for k in keys if k in result}))
+    return 0
