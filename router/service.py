@@ -200,6 +200,7 @@ def to_response(
         profile_version=query.profile.version,
         input_tokens=result.input_tokens,
         output_tokens=result.output_tokens,
+        propensity=choice.propensity,
     )
 
 

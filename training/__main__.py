@@ -1,4 +1,4 @@
-"""`python -m training <command>`: fit | evaluate | retrain | export-encoder [static] | calibrate | cost-table."""
+"""`python -m training <command>`: fit | evaluate | retrain | demo-loop | export-encoder [static] | calibrate | cost-table."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ COMMANDS = {
     "fit": "training.fit",
     "evaluate": "training.crossval",
     "retrain": "training.retrain",
+    "demo-loop": "training.demo_loop",
     "export-encoder": "training.export",
     "calibrate": "training.calibrate",
     "cost-table": "training.calibrate:cost_table_main",  # module:function; main when no function is named

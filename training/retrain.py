@@ -15,7 +15,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,16 @@ import numpy as np
 import numpy.typing as npt
 
 from router.artifacts import LoadedModel, load_model, read_manifest, resolve_model_dir
-from router.decisionlog import DecisionLog, LabeledDecisions
-from router.scoring import LENGTH_CENTER, LENGTH_SCALE, length_features, sigmoid
+from router.decisionlog import DecisionLog, LabeledDecisions, decisions
+from router.policy import RequestContext, decide
+from router.profiles import Profile, ProfileError, load_profiles
+from router.scoring import LENGTH_CENTER, LENGTH_SCALE, length_features, sigmoid, tier_quality
 from training import evaluate as E
 from training import fit as F
 from training.model import HEAD_FIELDS, Terms, WinRateHead
 
 log = logging.getLogger(__name__)
+SEEN_COSINE = 0.98  # a base prompt and a logged one of the same length this close are the same prompt
 
 # -- the promotion gate ------------------------------------------------------------------
 LOG_LOSS_SLACK = 0.002  # candidate log loss on held-out logged outcomes <= live + this
@@ -55,7 +58,8 @@ class RetrainConfig(F.FitConfig):
     holdout_frac: float = 0.2  # the newest share of logged outcomes, held out to compare candidate and live
     min_outcomes: int = 200  # with fewer logged outcomes, nothing is fitted
     log_weight: float = 1.0  # weight of one logged outcome relative to one base-data correctness term
-    ips_floor: float = 0.5  # quality floor both heads decide with in the off-policy (IPS) estimate
+    ips_floor: float = 0.5  # off-policy estimate: the stand-in rule's floor, for decisions of unknown profiles
+    profiles_path: str = str(F.REPO / "config" / "profiles.toml")  # profiles the off-policy estimate decides with
     dry_run: bool = False  # fit and compare only: no version written, nothing tracked
 
     def fit_config(self) -> F.FitConfig:
@@ -125,6 +129,26 @@ def usable(logged: LabeledDecisions, models_root: Path, encoder_sha256: str, *kn
     return logged.take(np.nonzero(keep)[0])
 
 
+def seen_prompts(prep: F.Prepared, train_log: LabeledDecisions, holdout_fold: int,
+                 min_cosine: float = SEEN_COSINE) -> npt.NDArray[np.bool_]:
+    """(N,) base rows of the held-out fold whose prompt is among the logged outcomes the candidate
+    trains on, so that neither head is scored on it. The log keeps no prompt text: a match is the
+    same length in characters and an embedding cosine >= min_cosine (the server's int8 encoder
+    gives a prompt's embedding up to batch effects)."""
+    seen = np.zeros(len(prep.fold), bool)
+    if not len(train_log):
+        return seen
+    dim = train_log.embedding.shape[1]
+    by_chars: dict[int, list[int]] = {}
+    for j, chars in enumerate(train_log.prompt_chars.astype(np.int64).tolist()):
+        by_chars.setdefault(chars, []).append(j)
+    for r in np.nonzero(prep.fold == holdout_fold)[0]:
+        same_length = by_chars.get(len(prep.data.prompts[r]))
+        if same_length and float((train_log.embedding[same_length] @ prep.X[r, :dim]).max()) >= min_cosine:
+            seen[r] = True
+    return seen
+
+
 # -- both heads, seen the same way -------------------------------------------------------------
 
 
@@ -154,7 +178,10 @@ def run_onnx_head(session: Any, embedding: np.ndarray, chars: np.ndarray) -> tup
     return ability, difficulty
 
 
-def logged_metrics(logits: Logits, models: list[str], logged: LabeledDecisions, floor: float) -> dict[str, Any]:
+def logged_metrics(
+    logits: Logits, models: list[str], logged: LabeledDecisions, floor: float,
+    profiles: Mapping[str, Profile] | None = None, context: Mapping[str, LoggedContext] | None = None,
+) -> dict[str, Any]:
     """How well a head's quality for the chosen model predicts the logged outcome; and, where
     decisions explored (propensity < 1), the IPS estimate of its policy's success rate."""
     ability, difficulty = logits(logged.embedding, logged.prompt_chars)
@@ -171,40 +198,144 @@ def logged_metrics(logits: Logits, models: list[str], logged: LabeledDecisions, 
         "mean_quality": float(q.mean()),
         "mean_outcome": float(y.mean()),
     }
-    ips = off_policy(ability, difficulty, col, logged, floor)
+    ips = off_policy(ability, difficulty, col, logged, floor, profiles, context)
     if ips is not None:
         out["ips"] = ips
     return out
 
 
+# -- off-policy: what each head's policy would have earned on the decisions that explored ------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoggedContext:
+    """A decision's rule inputs that the log keeps beside LabeledDecisions' columns. The log keeps
+    no stage, no per-request override and (unless the profile stores prompts) no prompt text, so a
+    replayed decision sees rules on workflow, tenant and token counts only."""
+
+    profile_version: str = ""
+    workflow: str = ""
+    tenant: str = ""
+    input_tokens: int = 0
+
+
+def logged_contexts(decision_log: DecisionLog, ids: Sequence[str], chunk: int = 500) -> dict[str, LoggedContext]:
+    """decision id -> LoggedContext, read from the decisions table."""
+    import sqlalchemy as sa
+
+    d = decisions.c
+    out: dict[str, LoggedContext] = {}
+    with decision_log.engine.connect() as conn:
+        for start in range(0, len(ids), chunk):
+            query = sa.select(d.decision_id, d.profile_version, d.workflow, d.tenant, d.input_tokens).where(
+                d.decision_id.in_(list(ids[start : start + chunk]))
+            )
+            for r in conn.execute(query):
+                out[r.decision_id] = LoggedContext(r.profile_version, r.workflow, r.tenant, int(r.input_tokens))
+    return out
+
+
+def read_profiles(path: str) -> dict[str, Profile]:
+    """The profiles the off-policy estimate replays decisions with; none (stand-in rule) if unreadable."""
+    try:
+        return load_profiles(Path(path))
+    except ProfileError as e:
+        log.warning("off-policy estimate without profiles (stand-in rule for every decision): %s", e)
+        return {}
+
+
+def _replayable(profile: Profile | None, scores: tuple[Any, ...], col: Mapping[str, int]) -> str:
+    """Why a logged decision cannot be replayed with `profile` ("" when it can)."""
+    if profile is None:
+        return "not in the profiles file"
+    if tuple((t.name, t.model) for t in profile.tiers) != tuple((s.tier, s.model) for s in scores):
+        return "its tiers changed since the decision"
+    if any(t.model not in col for t in profile.tiers):
+        return "names a model this head does not know"
+    return ""
+
+
+def policy_choices(
+    ability: np.ndarray, difficulty: np.ndarray, col: Mapping[str, int], logged: LabeledDecisions,
+    rows: Sequence[int], floor: float, profiles: Mapping[str, Profile], context: Mapping[str, LoggedContext],
+) -> tuple[npt.NDArray[np.int64], dict[str, Any]]:
+    """The tier this head's policy gives each logged decision in `rows`: router.policy.decide with
+    the profile the decision was logged under, without exploration (rng=None), as the server would
+    decide it; where the profiles file lacks that profile (or its tiers changed), the stand-in rule:
+    the cheapest logged tier whose quality clears `floor`, else the last. Returns the choices and
+    which rule decided how many rows."""
+    choice = np.empty(len(rows), np.int64)
+    by_profile: dict[str, list[int]] = {}
+    for j, i in enumerate(rows):
+        by_profile.setdefault(logged.profile[i], []).append(j)
+    used: dict[str, str] = {}
+    n_decide = version_changed = 0
+    for name, js in by_profile.items():
+        profile = profiles.get(name)
+        ok = [j for j in js if not _replayable(profile, logged.scores[rows[j]], col)]
+        if ok and profile is not None:
+            idx = [rows[j] for j in ok]
+            ctx = [context.get(logged.decision_id[i], LoggedContext()) for i in idx]
+            quality = tier_quality(ability[idx][:, [col[t.model] for t in profile.tiers]], difficulty[idx])
+            decided = decide(
+                profile, quality, np.array([c.input_tokens for c in ctx], np.int64), [""] * len(idx),
+                [RequestContext(workflow=c.workflow, tenant=c.tenant) for c in ctx], rng=None,
+            )  # fmt: skip
+            choice[ok] = [c.tier_index for c in decided.choices]
+            n_decide += len(ok)
+            version_changed += sum(bool(c.profile_version) and c.profile_version != profile.version for c in ctx)
+            used[name] = f"decide ({len(ok)})"
+        rest = sorted(set(js) - set(ok))
+        if rest:
+            why = _replayable(profile, logged.scores[rows[rest[0]]], col)
+            used[name] = (used[name] + ", " if name in used else "") + f"stand-in ({len(rest)}: {why})"
+            for j in rest:
+                i = rows[j]
+                q = sigmoid(ability[i, [col[s.model] for s in logged.scores[i]]] - difficulty[i])
+                clears = np.nonzero(q >= floor)[0]
+                choice[j] = int(clears[0]) if len(clears) else len(q) - 1
+    summary = {"decide": n_decide, "stand_in": len(rows) - n_decide, "profile_version_changed": version_changed,
+               "profiles": used}  # fmt: skip
+    return choice, summary
+
+
 def off_policy(
-    ability: np.ndarray, difficulty: np.ndarray, col: dict[str, int], logged: LabeledDecisions, floor: float
-) -> dict[str, float] | None:
-    """Inverse propensity scoring over the decisions that explored: the head's policy (the cheapest
-    logged tier whose quality clears `floor`, else the last) earns outcome / propensity where it
-    agrees with the logged choice. SNIPS normalizes by the summed weights (lower variance)."""
-    rows = [i for i in np.nonzero(logged.propensity < 1.0)[0] if all(s.model in col for s in logged.scores[i])]
+    ability: np.ndarray, difficulty: np.ndarray, col: dict[str, int], logged: LabeledDecisions, floor: float,
+    profiles: Mapping[str, Profile] | None = None, context: Mapping[str, LoggedContext] | None = None,
+) -> dict[str, Any] | None:
+    """Inverse propensity scoring over the decisions that explored: the head's policy
+    (policy_choices) earns outcome / propensity where it agrees with the logged choice. SNIPS
+    normalizes by the summed weights (lower variance)."""
+    rows = [int(i) for i in np.nonzero(logged.propensity < 1.0)[0] if all(s.model in col for s in logged.scores[i])]
     if not rows:
         return None
-    match, weight, reward, cost = [], [], [], []
-    for i in rows:
-        q = sigmoid(ability[i, [col[s.model] for s in logged.scores[i]]] - difficulty[i])
-        clears = np.nonzero(q >= floor)[0]
-        choice = int(clears[0]) if len(clears) else len(q) - 1
-        match.append(choice == logged.tier_index[i])
-        weight.append(1.0 / logged.propensity[i])
-        reward.append(logged.outcome[i])
-        cost.append(logged.cost_usd[i])
-    m, w, r, c = (np.asarray(a, np.float64) for a in (match, weight, reward, cost))
+    choice, policy = policy_choices(ability, difficulty, col, logged, rows, floor, profiles or {}, context or {})
+    m = (choice == logged.tier_index[rows]).astype(np.float64)
+    w = 1.0 / logged.propensity[rows]
+    r = logged.outcome[rows].astype(np.float64)
+    c = logged.cost_usd[rows]
     return {
         "decisions": len(rows),
         "floor": floor,
+        "policy": policy,
         "agreement": float(m.mean()),
         "success_ips": float((m * w * r).mean()),
         "success_snips": float((m * w * r).sum() / (m * w).sum()) if m.any() else float("nan"),
         "cost_usd_ips": float((m * w * c).mean()),
         "success_logged": float(r.mean()),
     }
+
+
+def describe_policy(ips: dict[str, Any]) -> str:
+    """One line: which rule chose each head's tier in the off-policy estimate."""
+    p = ips["policy"]
+    parts = [f"{name}: {how}" for name, how in p["profiles"].items()]
+    text = f"router.policy.decide with the logged profile, no exploration, for {p['decide']} of {ips['decisions']}"
+    if p["stand_in"]:
+        text += f"; stand-in rule (cheapest logged tier clearing {ips['floor']}) for {p['stand_in']}"
+    if p["profile_version_changed"]:
+        text += f"; {p['profile_version_changed']} logged under another version of their profile"
+    return f"{text} [{'; '.join(parts)}]"
 
 
 def dig(metrics: dict[str, Any], path: tuple[str, ...]) -> float | None:
@@ -245,6 +376,8 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     # 1. logged decisions with outcomes, oldest first
     with DecisionLog(url) as decision_log:
         logged = decision_log.labeled()
+        exploring = [d for d, p in zip(logged.decision_id, logged.propensity.tolist(), strict=True) if p < 1.0]
+        context = logged_contexts(decision_log, exploring)
     result: dict[str, Any] = {"from_log": redact(url), "logged_outcomes": len(logged), "promoted": False}
     if len(logged) < max(cfg.min_outcomes, 2):
         result["reason"] = f"{len(logged)} logged outcomes, fewer than --min-outcomes {cfg.min_outcomes}"
@@ -274,7 +407,12 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     extra = (logged_inputs(train_log), logged_terms(train_log, prep.terms, data.models, cfg.log_weight))
     head = F.train_head(fit_cfg, prep, extra)
 
-    # 4. both heads on the held-out logged outcomes and on the base data's held-out fold
+    # 4. both heads on the held-out logged outcomes and on the base data's held-out fold, less the
+    #    prompts whose logged outcomes the candidate trained on; each head decides the exploring
+    #    decisions with the profile they were logged under
+    seen = seen_prompts(prep, train_log, cfg.holdout_fold)
+    eval_fold = np.where(seen, -1, prep.fold)
+    profiles = read_profiles(cfg.profiles_path)
     def candidate_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return head.logits(np.hstack([emb, length_features(chars)]))
 
@@ -282,13 +420,15 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         return run_onnx_head(live.head, emb, chars)
 
     candidate = {
-        "decision_log": logged_metrics(candidate_logits, data.models, held, cfg.ips_floor),
-        "base": F.heldout_metrics(data, prep.terms, head, prep.X, prep.fold, fit_cfg),
+        "decision_log": logged_metrics(candidate_logits, data.models, held, cfg.ips_floor, profiles, context),
+        "base": F.heldout_metrics(data, prep.terms, head, prep.X, eval_fold, fit_cfg),
     }
-    live_metrics: dict[str, Any] = {"decision_log": logged_metrics(live_logits, live.models, held, cfg.ips_floor)}
+    live_metrics: dict[str, Any] = {
+        "decision_log": logged_metrics(live_logits, live.models, held, cfg.ips_floor, profiles, context)
+    }
     try:
         live_head = OnnxHead(live, data.models, data.datasets)
-        live_metrics["base"] = F.heldout_metrics(data, prep.terms, live_head, prep.X, prep.fold, fit_cfg)
+        live_metrics["base"] = F.heldout_metrics(data, prep.terms, live_head, prep.X, eval_fold, fit_cfg)
     except ValueError as e:
         log.warning("no base-data figures for the live model (%s)", e)
     promote, checks = gate(candidate, live_metrics)
@@ -310,6 +450,8 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         "log_weight": cfg.log_weight,
         "holdout_frac": cfg.holdout_frac,
         "live_version": live.version,
+        "base_heldout_left_out": int(seen.sum()),
+        "profiles_path": cfg.profiles_path,
     }
     result |= {
         "live_version": live.version,
@@ -382,9 +524,13 @@ def report(result: dict[str, Any]) -> str:
             continue
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         lines.append(f"  {name:26}{fmt(a):>28}{fmt(b):>30}")
-    if "ips" in c["decision_log"]:
-        ips = c["decision_log"]["ips"]
-        lines.append(f"  (IPS: {ips['decisions']} exploring decisions; both heads decide at floor {ips['floor']})")
+    if w.get("base_heldout_left_out"):
+        lines.append(f"  (base figures leave out {w['base_heldout_left_out']} held-out prompts the candidate "
+                     "learned from the log)")
+    for who, figures in (("live", lv), ("candidate", c)):
+        if "ips" in figures["decision_log"]:
+            ips = figures["decision_log"]["ips"]
+            lines.append(f"  (IPS, {who}: {ips['decisions']} exploring decisions; {describe_policy(ips)})")
     lines.append("gate: " + result["gate"]["rule"])
     lines += ["  " + line for line in result["gate"]["checks"]]
     if result["promoted"]:
@@ -404,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-track", dest="track", action="store_false", help="skip MLflow")
     p.add_argument("--dry-run", action="store_true", help="fit and compare; write no version and track nothing")
     for name in (
-        "holdout_frac", "min_outcomes", "log_weight", "ips_floor", "live_dir",
+        "holdout_frac", "min_outcomes", "log_weight", "ips_floor", "profiles_path", "live_dir",
         "data_dir", "encoder_dir", "models_dir", "version", "k_folds", "holdout_fold", *HEAD_FIELDS, "limit",
     ):  # fmt: skip
         flag, kind = "--" + name.replace("_", "-"), F.arg_type(RetrainConfig, name)

@@ -36,6 +36,7 @@ async def test_every_answer_carries_costs_and_the_profile_version(live):
     assert resp.frontier_cost == pytest.approx(by_tier["frontier"].expected_cost)
     assert resp.expected_cost == pytest.approx(by_tier[resp.tier].expected_cost)
     assert resp.profile_version == srv.profiles.current.version and len(resp.profile_version) == 12
+    assert resp.propensity == 1.0  # the profile does not explore
 
 
 async def test_rules_decide_and_are_named(live):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import gzip
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,12 +17,30 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from router.artifacts import load_model, read_manifest  # noqa: E402
-from router.decisionlog import DecisionLog, DecisionRecord, OutcomeRecord, TierScore, encode_embedding  # noqa: E402
+from router.decisionlog import (  # noqa: E402
+    DecisionLog,
+    DecisionRecord,
+    LabeledDecisions,
+    OutcomeRecord,
+    TierScore,
+    encode_embedding,
+)
+from router.profiles import Profile, Rule, Tier  # noqa: E402
 from tests.conftest import MODELS, require_data  # noqa: E402
 from training import data as D  # noqa: E402
 from training.embed import Embedder  # noqa: E402
 from training.fit import FitConfig, fit  # noqa: E402
-from training.retrain import GATE_RULE, gate, main, time_split  # noqa: E402
+from training.retrain import (  # noqa: E402
+    GATE_RULE,
+    LoggedContext,
+    describe_policy,
+    gate,
+    main,
+    off_policy,
+    policy_choices,
+    seen_prompts,
+    time_split,
+)
 
 ENCODER = MODELS / "encoder" / "all-MiniLM-L6-v2-int8"
 BASE_LIMIT = 800  # base rows (MMLU only): about 80 held-out prompts for APGR
@@ -168,3 +188,59 @@ def test_time_split_holds_out_the_newest():
     train, held = time_split(10, 0.2)
     assert train.tolist() == list(range(8)) and held.tolist() == [8, 9]
     assert len(time_split(3, 0.9)[0]) == 1  # something is always left to train on
+
+
+def labeled_decisions(profiles: list[str], tier_index: list[int]) -> LabeledDecisions:
+    """Logged decisions of a weak/strong pair, all exploring (propensity 0.5), every outcome a success."""
+    n = len(profiles)
+    scores = (
+        TierScore(tier="weak", model=WEAK, quality=0.0, win_probability=0.5),
+        TierScore(tier="strong", model=STRONG, quality=0.0, win_probability=0.5),
+    )
+    return LabeledDecisions(
+        decision_id=[f"d{i}" for i in range(n)], created_at=np.array([T0.replace(tzinfo=None)] * n, "datetime64[us]"),
+        profile=profiles, model_version=["v"] * n, model=[(WEAK, STRONG)[t] for t in tier_index],
+        tier_index=np.array(tier_index, np.int64), scores=[scores] * n, propensity=np.full(n, 0.5),
+        embedding=np.zeros((n, 4), np.float32), prompt_chars=np.full(n, 100, np.float32),
+        success=np.ones(n, np.float32), score=np.full(n, np.nan, np.float32), outcome=np.ones(n, np.float32),
+        rework=np.zeros(n, bool), cost_usd=np.zeros(n),
+    )  # fmt: skip
+
+
+def test_off_policy_replays_the_logged_profile_and_falls_back_without_it():
+    tiers = (Tier(name="weak", model=WEAK), Tier(name="strong", model=STRONG))
+    profiles = {
+        "high": Profile(name="high", floor=0.7, tiers=tiers, version="p1"),
+        "legal": Profile(name="legal", floor=0.5, tiers=tiers, version="p2",
+                         rules=(Rule(name="legal-strong", workflow="legal", pin_tier="strong"),)),
+    }  # fmt: skip
+    logged = labeled_decisions(["high", "gone", "legal", "legal"], [1, 1, 1, 1])
+    context = {"d2": LoggedContext(profile_version="p2", workflow="legal"), "d3": LoggedContext(profile_version="p0")}
+    # every row: weak quality 0.6, strong 0.9
+    ability = np.tile(np.log(np.array([0.6 / 0.4, 0.9 / 0.1], np.float32)), (4, 1))
+    difficulty = np.zeros(4, np.float32)
+    col = {WEAK: 0, STRONG: 1}
+    choice, used = policy_choices(ability, difficulty, col, logged, [0, 1, 2, 3], 0.5, profiles, context)
+    # high: floor 0.7 -> strong; gone: stand-in at 0.5 -> weak; legal: the workflow rule pins strong; else weak
+    assert choice.tolist() == [1, 0, 1, 0]
+    assert used["decide"] == 3 and used["stand_in"] == 1 and used["profile_version_changed"] == 1
+    assert used["profiles"]["gone"].startswith("stand-in (1: not in the profiles file")
+    ips = off_policy(ability, difficulty, col, logged, 0.5, profiles, context)
+    assert ips is not None and ips["agreement"] == 0.5 and ips["success_ips"] == 1.0  # 2 of 4 agree, weight 2
+    assert "stand-in rule (cheapest logged tier clearing 0.5) for 1" in describe_policy(ips)
+    assert off_policy(ability, difficulty, col, logged, 0.5)["policy"]["stand_in"] == 4  # type: ignore[index]
+
+
+def test_base_figures_leave_out_prompts_the_candidate_learned_from_the_log():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(4, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    prompts = ["a" * 10, "b" * 10, "c" * 12, "d" * 12]
+    prep = SimpleNamespace(data=SimpleNamespace(prompts=prompts), fold=np.array([0, 0, 0, 1]),
+                           X=np.hstack([emb, np.zeros((4, 2), np.float32)]))  # fmt: skip
+    log = labeled_decisions(["p", "p", "p"], [0, 0, 0])
+    # logged: prompt 0 (float16, as the log keeps it), prompt 2 with another length, prompt 3 (not held out)
+    log = dataclasses.replace(
+        log, embedding=emb[[0, 2, 3]].astype(np.float16).astype(np.float32), prompt_chars=np.array([10, 11, 12.0])
+    )
+    assert seen_prompts(prep, log, holdout_fold=0).tolist() == [True, False, False, False]  # type: ignore[arg-type]
