@@ -289,6 +289,13 @@ def priced(path: Path, profile: Profile, prices: dict[str, Price]) -> Profile:
             raise ProfileError(
                 f"{path}: profiles.{profile.name}.rules.{i}.pin_model: {rule.pin_model!r} is not in the price catalog"
             )
+    # "cheap to expensive" is what floor and share modes rely on: say so when prices disagree
+    per_request = [(t.price_input or 0.0) * 1000 + (t.price_output or 0.0) * profile.expected_output_tokens
+                   for t in tiers]
+    for a, b in zip(range(len(tiers)), range(1, len(tiers)), strict=False):
+        if per_request[a] > per_request[b]:
+            log.warning("%s: profiles.%s: tier %r costs more than the next tier %r at list prices; tiers should "
+                        "be ordered cheap to expensive", path, profile.name, tiers[a].name, tiers[b].name)
     pinned = {r.pin_model: (prices[r.pin_model].input, prices[r.pin_model].output)
               for r in profile.rules if r.pin_model is not None}
     out = profile.model_copy(update={"tiers": tuple(tiers), "pinned_prices": pinned})

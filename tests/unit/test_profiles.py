@@ -5,7 +5,7 @@ import pytest
 from router.profiles import ProfileError, ProfileSet, UnknownProfile, load_profiles
 from tests.conftest import PROFILES
 
-MODELS = ["gpt-3.5-turbo-0301", "mixtral-8x7b-instruct-v0.1", "gpt-4-1106-preview"]
+MODELS = ["Mistral-7B-Instruct-v0.2", "mixtral-8x7b-instruct-v0.1", "gpt-4-1106-preview"]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -21,7 +21,7 @@ def test_shipped_profiles_load():
     assert profiles["default"].mode == "floor" and 0 <= profiles["default"].floor <= 1
     assert len(profiles["default"].version) == 12
     # prices come from config/prices.toml, which the profiles file names
-    assert profiles["default"].prices == ((1.5, 0.6, 10.0), (2.0, 0.6, 30.0))
+    assert profiles["default"].prices == ((0.2, 0.6, 10.0), (0.2, 0.6, 30.0))
     assert [r.name for r in profiles["default"].rules] == ["legal-review-frontier", "summaries-not-above-mid"]
 
 
@@ -139,5 +139,5 @@ def test_the_documented_example_loads(tmp_path):
     (tmp_path / "prices.toml").write_bytes((PROFILES.parent / "prices.toml").read_bytes())
     profile = load_profiles(write(tmp_path, example))["support"]
     assert profile.mode == "rework" and len(profile.rules) == 5
-    assert profile.prices[0] == (1.5, 0.6, 9.0)  # the tier's own price beats the catalog
+    assert profile.prices[0] == (0.2, 0.6, 9.0)  # the tier's own price beats the catalog
     assert profile.pinned_prices == {"llama-3.1-70b-instruct": (0.88, 0.88)}
