@@ -80,15 +80,44 @@ class Prompts:
     keep: list[Keep]  # "head" for a prompt, "tail" for a chat transcript (router.tokenizer)
     contexts: list[RequestContext]
     files: list[str]  # where they came from, for the record
+    # From the decision log: the logged embeddings, lengths and token counts (texts are empty
+    # unless the profile stored prompts), so nothing is embedded again.
+    embedding: npt.NDArray[np.float32] | None = None
+    chars: npt.NDArray[np.float32] | None = None
+    input_tokens: npt.NDArray[np.int64] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, mask: npt.NDArray[np.bool_]) -> Prompts:
         idx = np.flatnonzero(mask)
+        pick = (lambda a: None if a is None else a[idx])  # noqa: E731
         return Prompts(
-            [self.texts[i] for i in idx], [self.keep[i] for i in idx], [self.contexts[i] for i in idx], self.files
+            [self.texts[i] for i in idx], [self.keep[i] for i in idx], [self.contexts[i] for i in idx], self.files,
+            pick(self.embedding), pick(self.chars), pick(self.input_tokens),
         )
+
+
+def read_log(url: str, profile: str | None = None, days: float | None = None, limit: int | None = None) -> Prompts:
+    """The traffic a server logged (router.decisionlog): every decision, or those of one profile,
+    of the last `days`, the newest `limit`. Prompts are not in the log unless the profile stored
+    them, so rules on prompt text see an empty prompt here."""
+    from router.decisionlog import DecisionLog, decode_embedding
+
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(days=days) if days is not None else None
+    with DecisionLog(url) as dlog:
+        rows = [r for r in dlog.iter_decisions(since) if profile is None or r.profile == profile]
+    rows = rows[-limit:] if limit is not None else rows
+    if not rows:
+        raise ValueError(f"{url}: no logged decisions" + (f" of profile {profile!r}" if profile else ""))
+    return Prompts(
+        texts=[r.prompt or "" for r in rows], keep=["head"] * len(rows),
+        contexts=[RequestContext(workflow=r.workflow, tenant=r.tenant) for r in rows],
+        files=[f"decision log ({len(rows)} decisions" + (f" of profile {profile}" if profile else "") + ")"],
+        embedding=np.stack([decode_embedding(r.embedding) for r in rows]),
+        chars=np.array([r.prompt_chars for r in rows], np.float32),
+        input_tokens=np.array([r.input_tokens for r in rows], np.int64),
+    )
 
 
 def _line_text(obj: dict[str, Any], where: str) -> tuple[str, Keep]:
@@ -223,8 +252,11 @@ def embed(
 def score(
     engine: RoutingEngine, profile: Profile, prompts: Prompts, cache_dir: Path | None = CACHE_DIR
 ) -> Scored:
-    embedding, input_tokens = embed(engine, prompts, cache_dir)
-    chars = np.fromiter((len(t) for t in prompts.texts), np.float32, len(prompts))
+    if prompts.embedding is not None and prompts.chars is not None and prompts.input_tokens is not None:
+        embedding, input_tokens, chars = prompts.embedding, prompts.input_tokens, prompts.chars
+    else:
+        embedding, input_tokens = embed(engine, prompts, cache_dir)
+        chars = np.fromiter((len(t) for t in prompts.texts), np.float32, len(prompts))
     ability, difficulty = engine.score(embedding, chars)
     quality = S.tier_quality(ability[:, engine.columns(profile)], difficulty)  # (N, T)
     price_in, price_out = profile.prices
@@ -574,8 +606,14 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Exit status 2: an unreachable target, or a profile or prompts file that cannot be used.",
     )
     p.add_argument("--profile", required=True, help="profile name in the profiles file")
-    p.add_argument("--prompts", type=Path, action="append", required=True,
-                   help="JSONL (.gz allowed) of the deployment's prompts; repeat to combine files")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", type=Path, action="append",
+                        help="JSONL (.gz allowed) of the deployment's prompts; repeat to combine files")
+    source.add_argument("--from-log", metavar="URL",
+                        help="the server's decision log (e.g. sqlite:///var/decisions.db): its logged traffic")
+    p.add_argument("--log-profile", default=None,
+                   help="with --from-log: only decisions logged under this profile (default: all)")
+    p.add_argument("--log-days", type=float, default=None, help="with --from-log: only the last N days")
     p.add_argument("--profiles", type=Path, default=PROFILES, help="profiles file (default: config/profiles.toml)")
     p.add_argument("--model-dir", type=Path, default=MODELS, help="a model version, or models/ (its DEFAULT)")
     target = p.add_mutually_exclusive_group()
@@ -604,7 +642,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = overrides_from(args)
         profile = load_target(args.profiles, args.profile, overrides, placeholders=not args.check)
-        prompts = read_prompts(args.prompts, args.exclude_fold, args.k_folds, args.limit, args.fold)
+        if args.from_log:
+            prompts = read_log(args.from_log, args.log_profile, args.log_days, args.limit)
+        else:
+            prompts = read_prompts(args.prompts, args.exclude_fold, args.k_folds, args.limit, args.fold)
         model = load_model(args.model_dir, device="cpu")
         calibrated, result = run(
             profile, prompts, model, args.out or OUT / args.profile, CACHE_DIR if args.cache else None, args.check

@@ -138,3 +138,36 @@ def test_unreachable_budget_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_round_up_never_spends_more() -> None:
     for x in (0.013979853, 1.00000049e-3, 7.0):
         assert C._round(x, up=True) >= x and math.isclose(C._round(x, up=True), x, rel_tol=1e-5)
+
+
+def test_calibrate_from_the_decision_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The traffic a server logged (embeddings, lengths, token counts; no prompts) is enough."""
+    import datetime as dt
+
+    from router.decisionlog import DecisionLog, DecisionRecord, encode_embedding
+    from router.engine import RouteQuery
+
+    rows = D.read_jsonl(require_data() / "mmlu.jsonl.gz")[:200]
+    model = load_model(MODELS, device="cpu", intra_op_threads=0)
+    profile = load_profiles(PROFILES)["default"]
+    results = RoutingEngine(model).route_batch([RouteQuery(r["prompt"], profile) for r in rows])
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    now = dt.datetime.now(dt.UTC)
+    with DecisionLog(url, salt="s") as dlog:
+        for i, (r, res) in enumerate(zip(rows, results, strict=True)):
+            dlog.record(DecisionRecord(
+                decision_id=f"d{i}", created_at=now, profile="default", tier=res.choice.tier, model=res.choice.model,
+                tier_index=res.choice.tier_index, scores=(), reason=res.choice.reason, model_version=res.model_version,
+                embedding=encode_embedding(res.embedding), prompt_hash=dlog.hash_prompt(r["prompt"]),
+                input_tokens=res.input_tokens, prompt_chars=len(r["prompt"]),
+            ))
+    profiles = _profiles_copy(tmp_path)
+    code = C.main(["--profile", "default", "--from-log", url, "--log-profile", "default", "--share", "frontier=0.2",
+                   "--profiles", str(profiles), "--out", str(tmp_path / "out"), "--write"])
+    assert code == 0
+    assert "on 200 prompts" in capsys.readouterr().out
+    written = load_profiles(profiles)["default"]
+    assert written.calibrated is not None
+    assert written.calibrated["prompts"] == "decision log (200 decisions of profile default)"
+    assert written.mode == "share" and written.floors is not None and len(written.floors) == 3
+    assert written.calibrated["shares"][2] == pytest.approx(0.2, abs=0.006)
