@@ -119,7 +119,7 @@ async def test_hot_reload_swaps_whole_files_and_keeps_the_last_good_one(live):
     # a good edit lands without a restart: the floor 0.0 sends everything to the budget tier
     text = path.read_text().replace('max_tier = "middle"', 'max_tier = "mid"')
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(text.replace("floor = 0.5", "floor = 0.0", 1))
+    tmp.write_text(text.replace("floor = 0.7", "floor = 0.0", 1))
     tmp.replace(path)  # how deployments should write it: atomically
     v2 = await _wait_for_version(srv, v1)
     assert v2 != v1

@@ -95,7 +95,7 @@ async def test_route_batch_keeps_order_and_matches_single_calls(stub):
             # Dynamic int8 quantization scales activations per tensor, so a prompt's scores
             # move slightly with its batch mates (measured up to ~0.005); bound that drift.
             assert a.quality == pytest.approx(b.quality, abs=0.02)
-        if all(abs(s.quality - 0.5) > 0.02 for s in single.scores):  # threshold 0.5
+        if all(abs(s.quality - 0.7) > 0.02 for s in single.scores):  # the default profile's floor
             assert got.tier == single.tier
 
 
