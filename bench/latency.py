@@ -27,7 +27,7 @@ from bench.stats import render, summarize
 from router.artifacts import Manifest, load_model, make_session, read_manifest, resolve_model_dir
 from router.engine import RouteQuery, RouteResult, RoutingEngine
 from router.profiles import ProfileSet
-from router.scoring import length_features
+from router.scoring import LENGTH_FEATURES, length_features
 from router.tokenizer import RouterTokenizer
 from router.v1 import router_pb2, router_pb2_grpc
 
@@ -109,6 +109,11 @@ class NaivePath:
         init = {t.name: numpy_helper.to_array(t)
                 for t in onnx.load(str(model_dir / manifest.head.file)).graph.initializer}
         self.W, self.b = init["W"], init["b"]  # head.onnx: z = [embedding, length features] @ W + b
+        width = int(self.model.get_sentence_embedding_dimension() or 0) + len(LENGTH_FEATURES)
+        if self.W.shape[0] != width:
+            # The model's encoder is not this MiniLM (a static or narrower one): the naive path stays
+            # the sentence-transformers reference, with stand-in head weights of the same cost.
+            self.W = np.zeros((width, self.W.shape[1]), self.W.dtype)
 
     def __call__(self, text: str) -> npt.NDArray[np.float32]:
         embedding = self.model.encode(text)

@@ -1,4 +1,4 @@
-"""`python -m training <command>`: fit | evaluate | retrain | demo-loop | export-encoder [static] | calibrate | cost-table."""
+"""`python -m training <command>`: fit | evaluate | retrain | demo-loop | export-encoder | calibrate | cost-table."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ONNX export with parity checks: the encoder (int8) and, later, the head."""
+"""ONNX export with parity checks: the encoders (MiniLM int8, model2vec static) and the head."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -177,12 +177,13 @@ def onnx_embeddings(
     texts: Sequence[str],
     *,
     batch_size: int = ONNX_BATCH_SIZE,
+    dim: int = EMBEDDING_DIM,
 ) -> Embeddings:
     """Embed texts through the ONNX encoder, in the caller's order."""
     # Batch similar lengths together (as sentence-transformers does): padding
     # does not change the result, it only costs time.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
+    out = np.empty((len(texts), dim), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         encodings = tokenizer.encode_batch([texts[i] for i in idx])
@@ -217,9 +218,10 @@ def model_io(onnx_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 
 
 def load_sentence_transformer(
-    *, max_tokens: int = DEFAULT_MAX_TOKENS, attn_implementation: str | None = None
+    *, max_tokens: int = DEFAULT_MAX_TOKENS, attn_implementation: str | None = None, layers: int | None = None
 ) -> SentenceTransformer:
-    """all-MiniLM-L6-v2 from the package folder, on CPU, never from the hub."""
+    """all-MiniLM-L6-v2 from the package folder, on CPU, never from the hub; with `layers`, only
+    its first that many transformer layers (the same pooling on top)."""
     # A local path never needs the hub; this makes sure a stray lookup fails fast.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
@@ -227,12 +229,18 @@ def load_sentence_transformer(
     model_kwargs = {"attn_implementation": attn_implementation} if attn_implementation else None
     model = SentenceTransformer(str(encoder_package_dir()), device="cpu", model_kwargs=model_kwargs)
     model.max_seq_length = max_tokens
+    if layers is not None:
+        bert: Any = model[0].auto_model  # the HF BertModel
+        if not 1 <= layers <= len(bert.encoder.layer):
+            raise ValueError(f"layers must be in 1..{len(bert.encoder.layer)}, got {layers}")
+        del bert.encoder.layer[layers:]
+        bert.config.num_hidden_layers = layers
     return model.eval()
 
 
-def reference_embeddings(texts: Sequence[str], max_tokens: int) -> Embeddings:
+def reference_embeddings(texts: Sequence[str], max_tokens: int, layers: int | None = None) -> Embeddings:
     """What the encoder is meant to reproduce: sentence-transformers, normalized."""
-    model = load_sentence_transformer(max_tokens=max_tokens)
+    model = load_sentence_transformer(max_tokens=max_tokens, layers=layers)
     embeddings = model.encode(
         list(texts),
         batch_size=32,
@@ -427,6 +435,7 @@ def encoder_parity(
     max_tokens: int,
     *,
     reference: Embeddings | None = None,
+    layers: int | None = None,
 ) -> dict[str, float | int]:
     """Cosine between the ONNX encoder and sentence-transformers on the same texts.
 
@@ -436,7 +445,7 @@ def encoder_parity(
     if not texts:
         raise ValueError("parity needs at least one text")
     if reference is None:
-        reference = reference_embeddings(texts, max_tokens)
+        reference = reference_embeddings(texts, max_tokens, layers)
     tokenizer = load_tokenizer(tokenizer_path, max_tokens)
     embeddings = onnx_embeddings(ort_session(onnx_path), tokenizer, texts)
     return cosine_stats(embeddings, reference)
@@ -448,9 +457,10 @@ def export_encoder(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     opset: int = DEFAULT_OPSET,
     data_dir: Path = DEFAULT_DATA_DIR,
+    layers: int | None = None,
 ) -> dict[str, Any]:
-    """Export all-MiniLM-L6-v2 to int8 ONNX, check parity, write encoder.onnx,
-    tokenizer.json and encoder.json into out_dir; returns the encoder.json record.
+    """Export all-MiniLM-L6-v2 (or its first `layers` layers) to int8 ONNX, check parity, write
+    encoder.onnx, tokenizer.json and encoder.json into out_dir; returns the encoder.json record.
 
     Raises EncoderParityError (writing nothing) if mean cosine < MIN_MEAN_COSINE.
     """
@@ -469,7 +479,9 @@ def export_encoder(
         int8_path = Path(tmp) / "encoder.onnx"
 
         log.info("exporting fp32 ONNX (opset %d)", opset)
-        st_model = load_sentence_transformer(max_tokens=max_tokens, attn_implementation=EXPORT_ATTN_IMPLEMENTATION)
+        st_model = load_sentence_transformer(
+            max_tokens=max_tokens, attn_implementation=EXPORT_ATTN_IMPLEMENTATION, layers=layers
+        )
         module = build_encoder_module(st_model)
         exporter = export_fp32(module, fp32_path, opset=opset, max_tokens=max_tokens)
         fp32_max_abs_diff = check_fp32_export(module, fp32_path, max_tokens)
@@ -479,7 +491,7 @@ def export_encoder(
         quantize_int8(fp32_path, int8_path)
 
         log.info("parity on %d prompts", len(texts))
-        reference = reference_embeddings(texts, max_tokens)
+        reference = reference_embeddings(texts, max_tokens, layers)
         parity_int8 = encoder_parity(int8_path, tokenizer_src, texts, max_tokens, reference=reference)
         parity_fp32 = encoder_parity(fp32_path, tokenizer_src, texts, max_tokens, reference=reference)
         log.info("cosine to sentence-transformers: int8 %s, fp32 %s", parity_int8, parity_fp32)
@@ -494,11 +506,12 @@ def export_encoder(
             raise RuntimeError(f"unexpected graph signature: {inputs} -> {outputs}")
 
         record: dict[str, Any] = {
-            "name": ENCODER_NAME,
+            "name": ENCODER_NAME if layers is None else f"{ENCODER_NAME}-first{layers}",
             "source": {
                 "package": ENCODER_DISTRIBUTION,
                 "version": importlib.metadata.version(ENCODER_DISTRIBUTION),
                 "model": ENCODER_UPSTREAM,
+                **({} if layers is None else {"layers": f"first {layers} of 6 transformer layers"}),
             },
             "licenses": {
                 "weights": {"license": WEIGHTS_LICENSE, "from": ENCODER_UPSTREAM},
@@ -567,6 +580,238 @@ def _atomic_write_text(dst: Path, text: str) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, dst)
+
+
+# --- the static encoder: model2vec, distilled from the same MiniLM --------------------
+#
+# model2vec (https://github.com/MinishLab/model2vec) runs every vocabulary token through
+# MiniLM once, keeps one vector per token (PCA, Zipf/SIF weights folded in) and embeds a
+# text as the normalized mean of its tokens' vectors: no attention, so ~0.2 ms instead of
+# ~3 ms. Serving needs neither model2vec nor torch: the table becomes an ONNX initializer
+# behind the encoder interface (input_ids, attention_mask -> embedding).
+
+STATIC_NAME = "all-MiniLM-L6-v2-m2v"
+STATIC_DISTILLER = "model2vec"  # PyPI name, for the version in the record
+STATIC_DEFAULT_PCA_DIMS = 256
+STATIC_DEFAULT_MAX_TOKENS = 512  # a table lookup per token: long prompts cost next to nothing
+STATIC_MIN_MEAN_COSINE = 0.999  # same function, float16 table: anything less is a bug
+# model2vec tokenizes without [CLS]/[SEP] and drops [UNK]. The served tokenizer adds [CLS] and
+# [SEP] (so token counts and truncation mean what they mean for MiniLM); these rows are zero,
+# so they add nothing to the sum, exactly as if they were absent.
+STATIC_SPECIALS = ("[CLS]", "[SEP]")
+UNK_TOKEN = "[UNK]"
+NORM_EPS = 1e-12
+PcaDims = int | Literal["auto"] | None  # PCA components; "auto": all of them; None: no PCA
+
+
+def static_encoder_graph(table: np.ndarray, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """input_ids, attention_mask (B, T) -> embedding (B, dim): the L2-normalized sum of the
+    table rows of the unmasked tokens. Normalizing makes sum and mean the same vector, so
+    the count never enters. A float16 table is gathered, then cast: the file stays half size."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if table.ndim != 2 or table.dtype not in (np.float16, np.float32):
+        raise ValueError(f"table must be (vocab, dim) float16 or float32, got {table.shape} {table.dtype}")
+    if opset >= 18:  # ReduceL2 takes axes as an input from opset 18 on
+        raise ValueError(f"static_encoder_graph writes opset <= 17, got {opset}")
+    dim = int(table.shape[1])
+    inits = [
+        numpy_helper.from_array(table, "table"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array(NORM_EPS, np.float32), "eps"),
+    ]
+    gathered = "tokens" if table.dtype == np.float32 else "tokens16"
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], [gathered], axis=0)]  # (B, T, dim)
+    if table.dtype == np.float16:
+        nodes.append(helper.make_node("Cast", ["tokens16"], ["tokens"], to=TensorProto.FLOAT))
+    nodes += [
+        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),  # (B, T)
+        helper.make_node("Unsqueeze", ["mask", "axis1"], ["mask3"]),  # (B, 1, T)
+        helper.make_node("MatMul", ["mask3", "tokens"], ["summed3"]),  # (B, 1, dim)
+        helper.make_node("Squeeze", ["summed3", "axis1"], ["summed"]),  # (B, dim)
+        helper.make_node("ReduceL2", ["summed"], ["norm"], axes=[1], keepdims=1),  # (B, 1)
+        helper.make_node("Max", ["norm", "eps"], ["safe_norm"]),  # an all-zero sum stays zero
+        helper.make_node("Div", ["summed", "safe_norm"], [OUTPUT_NAME]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "static_encoder",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in INPUT_NAMES],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", dim])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tier-router")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def static_tokenizer(m2v_tokenizer: Tokenizer) -> tuple[Tokenizer, list[int]]:
+    """model2vec's tokenizer with BERT's [CLS] ... [SEP] template added (new ids at the end of
+    the vocabulary) and no truncation/padding in the file (RouterTokenizer sets its own).
+    Returns it and the ids whose table rows must be zero: [UNK] and the two added ones."""
+    spec = json.loads(m2v_tokenizer.to_str())
+    if spec["model"]["type"] != "WordPiece":
+        raise ValueError(f"expected a WordPiece tokenizer from model2vec, got {spec['model']['type']}")
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    if UNK_TOKEN not in vocab or PAD_TOKEN not in vocab:
+        raise ValueError(f"model2vec tokenizer lacks {UNK_TOKEN} or {PAD_TOKEN}")
+    for token in STATIC_SPECIALS:
+        vocab.setdefault(token, max(vocab.values()) + 1)
+    cls, sep = (vocab[t] for t in STATIC_SPECIALS)
+    specials = {
+        "[CLS]": {"id": "[CLS]", "ids": [cls], "tokens": ["[CLS]"]},
+        "[SEP]": {"id": "[SEP]", "ids": [sep], "tokens": ["[SEP]"]},
+    }
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [
+            {"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "[SEP]", "type_id": 0}},
+        ],
+        "pair": [
+            {"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "[SEP]", "type_id": 0}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+            {"SpecialToken": {"id": "[SEP]", "type_id": 1}},
+        ],
+        "special_tokens": specials,
+    }
+    spec["truncation"] = None
+    spec["padding"] = None
+    return Tokenizer.from_str(json.dumps(spec)), [vocab[UNK_TOKEN], cls, sep]
+
+
+def static_table(vectors: np.ndarray, vocab_size: int, zero_ids: Sequence[int]) -> npt.NDArray[np.float16]:
+    """The (vocab_size, dim) float16 lookup table: model2vec's rows, zeros for the added
+    specials (ids past its vocabulary) and for `zero_ids`."""
+    if vocab_size < len(vectors):
+        raise ValueError(f"vocabulary of {vocab_size} is smaller than the {len(vectors)} vectors")
+    table = np.zeros((vocab_size, vectors.shape[1]), np.float16)
+    table[: len(vectors)] = vectors.astype(np.float16)
+    table[list(zero_ids)] = 0
+    return table
+
+
+def distill_static(pca_dims: PcaDims) -> Any:
+    """model2vec.StaticModel distilled on CPU from the package's MiniLM, default vocabulary."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from model2vec.distill import distill_from_model
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(encoder_package_dir())  # a local folder: model2vec never asks the hub about it
+    model = AutoModel.from_pretrained(path)
+    tokenizer: Any = AutoTokenizer.from_pretrained(path, use_fast=True)  # a fast (tokenizers) one
+    return distill_from_model(model=model, tokenizer=tokenizer, pca_dims=pca_dims, device="cpu")
+
+
+def static_vectors(static_model: Any) -> np.ndarray:
+    """One row per token id, as StaticModel.encode looks them up (token mapping and weights folded in)."""
+    vectors = np.asarray(static_model.embedding)
+    if static_model.token_mapping is not None:
+        vectors = vectors[np.asarray(static_model.token_mapping)]
+    if static_model.weights is not None:
+        vectors = vectors * np.asarray(static_model.weights)[:, None]
+    return vectors
+
+
+def export_static_encoder(
+    out_dir: Path,
+    *,
+    pca_dims: PcaDims = STATIC_DEFAULT_PCA_DIMS,
+    max_tokens: int = STATIC_DEFAULT_MAX_TOKENS,
+    opset: int = DEFAULT_OPSET,
+    data_dir: Path = DEFAULT_DATA_DIR,
+    static_model: Any = None,
+) -> dict[str, Any]:
+    """Distill a model2vec static model from all-MiniLM-L6-v2 (or take `static_model`), write it
+    as encoder.onnx + tokenizer.json + encoder.json into out_dir; returns the encoder.json record.
+
+    Raises EncoderParityError (writing nothing) if the graph's mean cosine to
+    StaticModel.encode on real prompts is below STATIC_MIN_MEAN_COSINE.
+    """
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2 (room for [CLS] and [SEP]), got {max_tokens}")
+    texts = sample_parity_prompts(data_dir)
+    if static_model is None:
+        log.info("distilling model2vec from %s (pca_dims=%s)", ENCODER_UPSTREAM, pca_dims)
+        static_model = distill_static(pca_dims)
+    if not static_model.normalize or static_model.config.get("pooling", "mean") != "mean":
+        raise ValueError("the static encoder graph computes normalized mean pooling; the model does not")
+    tokenizer, zero_ids = static_tokenizer(static_model.tokenizer)
+    table = static_table(static_vectors(static_model), tokenizer.get_vocab_size(), zero_ids)
+
+    with tempfile.TemporaryDirectory(prefix="static-export-") as tmp:
+        onnx_path, tok_path = Path(tmp) / "encoder.onnx", Path(tmp) / "tokenizer.json"
+        onnx.save(static_encoder_graph(table, opset), str(onnx_path))
+        tokenizer.save(str(tok_path))
+
+        # model2vec counts max_length without specials; the served max_tokens counts [CLS] and [SEP]
+        reference = np.asarray(static_model.encode(texts, max_length=max_tokens - 2), np.float32)
+        served = onnx_embeddings(
+            ort_session(onnx_path), load_tokenizer(tok_path, max_tokens), texts, dim=table.shape[1]
+        )
+        parity = cosine_stats(served, reference)
+        log.info("cosine to model2vec StaticModel.encode: %s", parity)
+        if float(parity["mean"]) < STATIC_MIN_MEAN_COSINE:
+            raise EncoderParityError(
+                f"static encoder mean cosine {parity['mean']:.4f} < {STATIC_MIN_MEAN_COSINE} "
+                f"(min {parity['min']:.4f}); refusing to write {out_dir / 'encoder.onnx'}"
+            )
+        inputs, outputs, file_opset = model_io(onnx_path)
+        config = static_model.config
+        pca = config.get("apply_pca")  # what the model was distilled with, even if passed in
+        record: dict[str, Any] = {
+            "name": f"{STATIC_NAME}-{'full' if pca is None else f'pca{pca}'}",
+            "source": {
+                "package": ENCODER_DISTRIBUTION,
+                "version": importlib.metadata.version(ENCODER_DISTRIBUTION),
+                "model": ENCODER_UPSTREAM,
+                "distilled_with": f"{STATIC_DISTILLER} {importlib.metadata.version(STATIC_DISTILLER)}",
+            },
+            "licenses": {
+                "weights": {"license": WEIGHTS_LICENSE, "from": f"{ENCODER_UPSTREAM} (distilled)"},
+                "package": {"license": PACKAGE_LICENSE, "from": ENCODER_DISTRIBUTION},
+            },
+            "dim": int(table.shape[1]),
+            "max_tokens": max_tokens,
+            "pooling": "mean",
+            "normalized": True,
+            "tokenizer": {
+                "file": "tokenizer.json",
+                "sha256": sha256_file(tok_path),
+                "from": "model2vec's (the MiniLM vocabulary without [unused*], renumbered) + [CLS]/[SEP] template",
+                "truncation_max_length": max_tokens,
+                "padding": "longest",
+                "zero_rows": {"ids": zero_ids, "tokens": [UNK_TOKEN, *STATIC_SPECIALS]},
+            },
+            "distillation": {
+                "pca_dims": pca,
+                "sif_coefficient": config.get("sif_coefficient"),
+                "vocabulary": "the base model's own",
+                "vocab_size": int(table.shape[0]),
+                "table_dtype": "float16",
+            },
+            "opset": file_opset,
+            "inputs": inputs,
+            "outputs": outputs,
+            "file": "encoder.onnx",
+            "sha256": sha256_file(onnx_path),
+            "size_bytes": onnx_path.stat().st_size,
+            "parity": {
+                "reference": f"model2vec StaticModel.encode(max_length={max_tokens - 2})",
+                "texts": {"files": list(PARITY_FILES), "n": len(texts), "seed": PARITY_SEED},
+                "min_mean_cosine": STATIC_MIN_MEAN_COSINE,
+                "onnx": parity,
+            },
+            "export": {"builder": "onnx.helper", "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+        }
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_copy(onnx_path, out_dir / "encoder.onnx")
+        _atomic_copy(tok_path, out_dir / "tokenizer.json")
+        _atomic_write_text(out_dir / "encoder.json", json.dumps(record, indent=2) + "\n")
+    return record
 
 
 # --- the head ------------------------------------------------------------------
@@ -649,7 +894,21 @@ def export_head(head: Any, path: Path, embedding: np.ndarray, chars: np.ndarray)
 
 def _cmd_encoder(args: argparse.Namespace) -> int:
     try:
-        record = export_encoder(args.out, max_tokens=args.max_tokens, opset=args.opset, data_dir=args.data_dir)
+        record = export_encoder(
+            args.out, max_tokens=args.max_tokens, opset=args.opset, data_dir=args.data_dir, layers=args.layers
+        )
+    except EncoderParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def _cmd_static(args: argparse.Namespace) -> int:
+    try:
+        record = export_static_encoder(
+            args.out, pca_dims=args.pca_dims, max_tokens=args.max_tokens, opset=args.opset, data_dir=args.data_dir
+        )
     except EncoderParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -670,7 +929,20 @@ def _parser() -> argparse.ArgumentParser:
     enc.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     enc.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     enc.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder with the parity JSONL files")
+    enc.add_argument("--layers", type=int, default=None, help="keep only the first N of MiniLM's 6 layers")
     enc.set_defaults(handler=_cmd_encoder)
+    static = sub.add_parser("static", help="distill a model2vec static encoder from MiniLM and export it to ONNX")
+    static.add_argument("--out", type=Path, required=True, help="output folder (encoder.onnx, tokenizer.json, ...)")
+    static.add_argument(
+        "--pca-dims",
+        type=lambda v: None if v == "none" else v if v == "auto" else int(v),
+        default=STATIC_DEFAULT_PCA_DIMS,
+        help="PCA dimensions of the token vectors; 'auto': PCA kept at 384; 'none': no PCA",
+    )
+    static.add_argument("--max-tokens", type=int, default=STATIC_DEFAULT_MAX_TOKENS)
+    static.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    static.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder with the parity JSONL files")
+    static.set_defaults(handler=_cmd_static)
     return parser
 
 
