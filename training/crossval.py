@@ -24,7 +24,7 @@ from router.scoring import LENGTH_FEATURES, sigmoid
 from training import data as D
 from training import evaluate as E
 from training.embed import Embedder
-from training.fit import REPO, arg_type, build_terms, fit_win_temperature, head_inputs
+from training.fit import DEFAULT_ENCODER, REPO, arg_type, build_terms, fit_win_temperature, head_inputs
 from training.model import HEAD_FIELDS, HeadConfig, Terms
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class EvalConfig(HeadConfig):
     profile: str = "routellm-pair"
     profiles_path: str = str(REPO / "config" / "profiles.toml")
     data_dir: str = str(D.DATA_DIR)
-    encoder_dir: str = str(REPO / "models" / "encoder" / "all-MiniLM-L6-v2-int8")
+    encoder_dir: str = str(DEFAULT_ENCODER)
     max_tokens: int | None = None  # truncate prompts here instead of at the encoder's own max_tokens
     out_dir: str = str(REPO / "build" / "eval")
     knn_k: int = 50

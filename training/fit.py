@@ -25,6 +25,9 @@ from training.model import HEAD_FIELDS, HeadConfig, Terms, WinRateHead
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
+# The shipped encoder: MiniLM's first 2 of 6 layers, int8 (`make model`; docs/benchmarks.md,
+# "Choosing the encoder": the fastest within 0.01 APGR of the best encoder measured).
+DEFAULT_ENCODER = REPO / "models" / "encoder" / "all-MiniLM-L6-v2-first2-int8"
 
 
 @dataclass
@@ -33,7 +36,7 @@ class FitConfig(HeadConfig):
 
     datasets: list[str] = field(default_factory=lambda: ["mmlu", "alpaca_eval", "alpaca_eval_binary"])
     data_dir: str = str(D.DATA_DIR)
-    encoder_dir: str = str(REPO / "models" / "encoder" / "all-MiniLM-L6-v2-int8")
+    encoder_dir: str = str(DEFAULT_ENCODER)
     models_dir: str = str(REPO / "models")  # writes <models_dir>/<version>/
     version: str = ""  # empty: the date and a hash of this config and the data
     set_default: bool = True  # point <models_dir>/DEFAULT at the new version

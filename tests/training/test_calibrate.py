@@ -119,9 +119,9 @@ def test_write_refuses_a_file_that_would_not_load(tmp_path: Path) -> None:
     assert path.read_text("utf-8") == before
 
 
-@pytest.mark.parametrize("budget", [0.1, 0.2])
+@pytest.mark.parametrize("budget", [0.05, 0.062])
 def test_unreachable_budget_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], budget: float) -> None:
-    """0.1 is below the cheapest tier's output cost alone (the profile check); 0.2 is above that but
+    """0.05 is below the cheapest tier's output cost alone (0.06, the profile check); 0.062 is above that but
     below the cheapest tier's cost with these prompts' input tokens (the calibration)."""
     path = _profiles_copy(tmp_path)
     before = path.read_text("utf-8")
