@@ -50,6 +50,7 @@ class RouterServer:
         self.decision_log = open_decision_log(settings)
         self._tasks: list[asyncio.Task[None]] = []
         self._swap_lock = asyncio.Lock()
+        self.refused: str | None = None  # the last model version refused by reload_model
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
@@ -93,6 +94,7 @@ class RouterServer:
                 await asyncio.to_thread(self._warm, engine, profiles.get(""))
             except (ArtifactError, ProfileError, OSError, ValueError) as e:
                 log.error("model %s refused, still serving %s: %s", target.name, self.engine.version, e)
+                self.refused = target.name
                 return False
             old = self.engine.version
             self.profiles.known_models = list(model.models)
@@ -117,7 +119,8 @@ class RouterServer:
                 log.exception("watcher failed; will retry")
 
     def _default_changed(self) -> bool:
-        return resolve_model_dir(self.settings.model_dir).name != self.engine.version
+        """models/DEFAULT names a version not served and not already refused (SIGHUP retries)."""
+        return resolve_model_dir(self.settings.model_dir).name not in (self.engine.version, self.refused)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", SERVICE_NAME):

@@ -71,7 +71,7 @@ async def test_promoted_version_is_swapped_in_under_load_and_a_broken_one_refuse
             broken = copy_version(model_dir, root, "v3")
             (broken / "head.onnx").write_bytes(b"not onnx")
             point_default(root, "v3")
-            await asyncio.sleep(0.5)
+            await wait_for(lambda: srv.refused == "v3")
             assert srv.engine.version == "v2"  # refused: sha256 mismatch, logged
             assert (await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0]))).model_version == "v2"
     finally:
