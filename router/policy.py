@@ -170,11 +170,14 @@ def decide(
         return S.choose_rework(quality, costs, float(profile.rework_cost or 0.0), open_), np.ones(b, bool)
 
     idx, cleared = mode(allowed)
-    free, _ = mode(everything)
-    floors = np.array(
-        [c.quality_floor if c.quality_floor is not None else profile.floor for c in contexts], np.float32
-    )[:, None]
-    by_floor, by_floor_cleared = S.choose_floor(quality, floors, allowed)
+    # the unbounded choice only matters where a bound narrowed the open tiers (to name it)
+    free = mode(everything)[0] if not allowed.all() else idx
+    by_floor, by_floor_cleared = idx, cleared
+    if any(c.quality_floor is not None or c.escalate_from is not None for c in contexts):
+        floors = np.array(
+            [c.quality_floor if c.quality_floor is not None else profile.floor for c in contexts], np.float32
+        )[:, None]
+        by_floor, by_floor_cleared = S.choose_floor(quality, floors, allowed)
     explore: npt.NDArray[np.bool_] = np.zeros(b, bool)
     if profile.exploration_rate > 0 and rng is not None:
         explore = np.asarray(rng.random(b) < profile.exploration_rate)
@@ -206,7 +209,7 @@ def decide(
                 k_explored = int(open_[rng.integers(len(open_))]) if rng is not None else k
                 propensity = share + (1.0 - profile.exploration_rate) * (k_explored == k)
                 if k_explored != k:
-                    reason = "exploration"
+                    reason = S.REASON_EXPLORATION
                 k = k_explored
             elif profile.exploration_rate > 0 and len(open_) > 1:
                 propensity = 1.0 - profile.exploration_rate + profile.exploration_rate / len(open_)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import numpy.typing as npt
 
@@ -13,6 +11,7 @@ FloatArray = npt.NDArray[np.float32]
 REASON_CLASSIFIER = "classifier"  # the cheapest tier whose quality clears the floor
 REASON_FALLBACK = "fallback"  # no tier clears the floor: fail safe to the most capable tier
 REASON_ESCALATION = "escalation"  # a previous attempt failed: the cheapest tier above it
+REASON_EXPLORATION = "exploration"  # the profile's exploration sent this request to a random open tier
 RULE_PREFIX = "rule:"  # rule:<name>, a profile rule pinned or capped the tier
 OVERRIDE_PREFIX = "override:"  # override:<field>, a per-request override moved it
 
@@ -206,25 +205,3 @@ def budget_lambda(quality: FloatArray, cost: npt.NDArray[np.float64], budget_per
         if hi / lo < 1 + 1e-6:
             break
     return hi
-
-
-@dataclass(frozen=True, slots=True)
-class Decisions:
-    """Per-request decisions for one batch of one profile."""
-
-    tier_index: npt.NDArray[np.int64]  # (B,) index into the profile's tiers
-    confidence: FloatArray  # (B,) quality of the chosen tier
-    reason: list[str]  # (B,) reason codes
-
-
-def cheapest_clearing_floor(quality: FloatArray, threshold: float) -> Decisions:
-    """Pick the cheapest tier whose quality >= threshold; if none does, the last (most capable).
-
-    quality: (B, T), tiers ordered cheap to expensive.
-    """
-    if quality.ndim != 2 or quality.shape[1] == 0:
-        raise ValueError(f"quality must be (batch, tiers) with tiers >= 1, got {quality.shape}")
-    idx, cleared = choose_floor(quality, threshold, np.ones(quality.shape, bool))
-    confidence = quality[np.arange(len(idx)), idx]
-    reason: list[str] = np.where(cleared, REASON_CLASSIFIER, REASON_FALLBACK).tolist()
-    return Decisions(tier_index=idx, confidence=confidence, reason=reason)

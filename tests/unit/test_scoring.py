@@ -5,35 +5,37 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from router.scoring import (
-    REASON_CLASSIFIER,
-    REASON_FALLBACK,
     calculate_strong_win_rate,
-    cheapest_clearing_floor,
+    choose_floor,
+    most_capable_allowed,
     sigmoid,
     tier_quality,
 )
 
+ALL = np.ones((1, 3), bool)
+
 
 def test_cheapest_tier_clearing_the_floor_wins():
     quality = np.array([[0.7, 0.8, 0.9], [0.5, 0.65, 0.9], [0.2, 0.3, 0.61]], np.float32)
-    d = cheapest_clearing_floor(quality, 0.6)
-    assert d.tier_index.tolist() == [0, 1, 2]
-    assert d.reason == [REASON_CLASSIFIER] * 3
-    np.testing.assert_allclose(d.confidence, [0.7, 0.65, 0.61], rtol=1e-6)
+    idx, cleared = choose_floor(quality, 0.6, np.ones(quality.shape, bool))
+    assert idx.tolist() == [0, 1, 2] and cleared.all()
 
 
-def test_no_tier_clears_floor_falls_back_to_most_capable():
-    d = cheapest_clearing_floor(np.array([[0.1, 0.2, 0.3]], np.float32), 0.5)
-    assert d.tier_index.tolist() == [2]
-    assert d.reason == [REASON_FALLBACK]
-    assert d.confidence[0] == np.float32(0.3)
+def test_no_tier_clears_floor_falls_back_to_most_capable_allowed():
+    q = np.array([[0.1, 0.2, 0.3]], np.float32)
+    idx, cleared = choose_floor(q, 0.5, ALL)
+    assert idx.tolist() == [2] and not cleared[0]
+    idx, _ = choose_floor(q, 0.5, np.array([[True, True, False]]))
+    assert idx.tolist() == [1]
+    assert most_capable_allowed(np.array([[True, False, False], [False, True, True]])).tolist() == [0, 2]
 
 
 def test_floor_is_inclusive_and_extremes():
     q = np.array([[0.5, 0.9]], np.float32)
-    assert cheapest_clearing_floor(q, 0.5).tier_index[0] == 0
-    assert cheapest_clearing_floor(q, 0.0).tier_index[0] == 0  # floor 0: always the cheapest
-    assert cheapest_clearing_floor(q, 1.0).reason == [REASON_FALLBACK]
+    allowed = np.ones((1, 2), bool)
+    assert choose_floor(q, 0.5, allowed)[0][0] == 0
+    assert choose_floor(q, 0.0, allowed)[0][0] == 0  # floor 0: always the cheapest
+    assert not choose_floor(q, 1.0, allowed)[1][0]
 
 
 def test_win_rate_of_cheapest_is_one_half_and_follows_bradley_terry():
@@ -57,12 +59,12 @@ def test_sigmoid_does_not_overflow():
     st.floats(0, 1),
 )
 def test_decision_invariants(quality, threshold):
-    d = cheapest_clearing_floor(quality, threshold)
-    for row, t, reason in zip(quality, d.tier_index, d.reason, strict=True):
+    idx, cleared = choose_floor(quality, threshold, np.ones(quality.shape, bool))
+    for row, t, ok in zip(quality, idx, cleared, strict=True):
         cheaper = row[:t]
-        assert (cheaper < threshold).all()  # never a more expensive tier than needed
-        if reason == REASON_CLASSIFIER:
-            assert row[t] >= threshold
+        assert (cheaper < np.float32(threshold)).all()  # never a more expensive tier than needed
+        if ok:
+            assert row[t] >= np.float32(threshold)
         else:
             assert t == len(row) - 1 and (row < threshold).all()
 
