@@ -209,7 +209,9 @@ def evaluate_pair(
         "router_floor": 1.0 - p_weak,
         "router_win": win.astype(np.float64),
     }
-    scores |= {"knn": knn} | E.baseline_scores(q_weak, q_strong, lengths, cfg.seed)
+    # a candidate, not served: both estimate the same expected gain, so their mean is one too
+    scores |= {"knn": knn, "gain_knn_mean": 0.5 * (scores["router_gain"] + knn)}
+    scores |= E.baseline_scores(q_weak, q_strong, lengths, cfg.seed)
     curves = {name: E.routed_quality(s, q_weak, q_strong) for name, s in scores.items()}
     curves["random"] = E.random_curve(q_weak, q_strong, seed=cfg.seed)
     figures = {
