@@ -332,15 +332,20 @@ def demo(cfg: DemoConfig, work: Path) -> dict[str, Any]:
         env={"ROUTER_DECISION_LOG_SALT": "demo-loop"},
     )  # fmt: skip
     try:
+        def run_phase(n: int, prompts: Prompts, served_by: str) -> None:
+            """Route the phase's prompts, report the label of the model chosen, record the figures."""
+            t0 = time.perf_counter()
+            replayed = replay(server.target, prompts, cfg.concurrency)
+            print(f"phase {n}: {cfg.n} routed and reported in {time.perf_counter() - t0:.1f}s", flush=True)
+            result[f"phase{n}"] = {
+                "served_by": served_by,
+                "figures": phase_figures(replayed.quality, replayed.costs, prompts.labels, cfg.floor,
+                                         replayed.chosen),
+                **exploration_figures(replayed, url),
+            }
+
         # 3. phase 1: route, report the label of the model chosen
-        t0 = time.perf_counter()
-        r1 = replay(server.target, phase1, cfg.concurrency)
-        print(f"phase 1: {cfg.n} routed and reported in {time.perf_counter() - t0:.1f}s", flush=True)
-        result["phase1"] = {
-            "served_by": old,
-            "figures": phase_figures(r1.quality, r1.costs, phase1.labels, cfg.floor, r1.chosen),
-            **exploration_figures(r1, url),
-        }
+        run_phase(1, phase1, old)
         # 4. retrain from the log into the work directory's models root
         retrain = run_retrain(cfg, work, url, models, profiles)
         result["retrain"] = retrain
@@ -352,14 +357,7 @@ def demo(cfg: DemoConfig, work: Path) -> dict[str, Any]:
             result["swap_seconds"] = round(wait_for_swap(server, old, new, cfg.swap_timeout), 2)
             print(f"server swapped {old} -> {new} (seen {result['swap_seconds']}s after retrain exited; no restart)",
                   flush=True)
-        t0 = time.perf_counter()
-        r2 = replay(server.target, phase2, cfg.concurrency)
-        print(f"phase 2: {cfg.n} routed and reported in {time.perf_counter() - t0:.1f}s", flush=True)
-        result["phase2"] = {
-            "served_by": new,
-            "figures": phase_figures(r2.quality, r2.costs, phase2.labels, cfg.floor, r2.chosen),
-            **exploration_figures(r2, url),
-        }
+        run_phase(2, phase2, new)
         if promoted:  # the old version on the same prompts: the same engine, in-process
             quality, costs = offline(models / old, profiles, phase2)
             result["phase2"]["old_policy"] = phase_figures(quality, costs, phase2.labels, cfg.floor)["policy"]
