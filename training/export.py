@@ -892,28 +892,27 @@ def export_head(head: Any, path: Path, embedding: np.ndarray, chars: np.ndarray)
 # --- CLI -------------------------------------------------------------------------
 
 
-def _cmd_encoder(args: argparse.Namespace) -> int:
+def _print_record(export: Callable[[], dict[str, Any]]) -> int:
+    """Run an encoder export; print its record, or the parity refusal (exit 1)."""
     try:
-        record = export_encoder(
-            args.out, max_tokens=args.max_tokens, opset=args.opset, data_dir=args.data_dir, layers=args.layers
-        )
+        record = export()
     except EncoderParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(record, indent=2))
     return 0
+
+
+def _cmd_encoder(args: argparse.Namespace) -> int:
+    return _print_record(lambda: export_encoder(
+        args.out, max_tokens=args.max_tokens, opset=args.opset, data_dir=args.data_dir, layers=args.layers
+    ))
 
 
 def _cmd_static(args: argparse.Namespace) -> int:
-    try:
-        record = export_static_encoder(
-            args.out, pca_dims=args.pca_dims, max_tokens=args.max_tokens, opset=args.opset, data_dir=args.data_dir
-        )
-    except EncoderParityError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(record, indent=2))
-    return 0
+    return _print_record(lambda: export_static_encoder(
+        args.out, pca_dims=args.pca_dims, max_tokens=args.max_tokens, opset=args.opset, data_dir=args.data_dir
+    ))
 
 
 def _parser() -> argparse.ArgumentParser:
