@@ -39,6 +39,17 @@ class EncoderSpec(BaseModel):
     output_name: str = "embedding"
 
 
+class WinPair(BaseModel):
+    """P(first's answer beats second's) = sigmoid(scale (s_first - s_second) + bias), fitted on
+    the prompts where both were graded (router.scoring.pair_calibration)."""
+
+    first: str
+    second: str
+    scale: float
+    bias: float
+    n: int = Field(0, ge=0, description="pairwise outcomes it was fitted on")
+
+
 class HeadSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -49,6 +60,7 @@ class HeadSpec(BaseModel):
     features: list[str] = Field(default_factory=list, description="router.scoring.LENGTH_FEATURES")
     models: list[str] = Field(min_length=1)
     win_temperature: float = Field(1.0, gt=0, description="see router.scoring.calculate_strong_win_rate")
+    win_pairs: list[WinPair] = Field(default_factory=list, description="per-pair calibration; others use 1/T")
 
 
 class Manifest(BaseModel):

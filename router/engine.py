@@ -11,7 +11,7 @@ import numpy.typing as npt
 from router.artifacts import ArtifactError, LoadedModel
 from router.policy import Choice, RequestContext, decide
 from router.profiles import Profile
-from router.scoring import calculate_strong_win_rate, tier_quality
+from router.scoring import pair_calibration, tier_quality, win_rate
 from router.tokenizer import Keep
 
 PAD_RATIO = 1.3  # longest / shortest prompt in one encoder run
@@ -55,6 +55,7 @@ class RoutingEngine:
         self._enc_in = model.manifest.encoder.input_names
         self._enc_out = model.manifest.encoder.output_name
         self._rng = np.random.default_rng()  # exploration draws (profiles with exploration_rate > 0)
+        self._win_params: dict[tuple[str, ...], tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = {}
 
     @property
     def version(self) -> str:
@@ -67,6 +68,14 @@ class RoutingEngine:
             raise ArtifactError(
                 f"profile {profile.name!r} names model {e.args[0]!r}, unknown to model {self.version}"
             ) from None
+
+    def win_params(self, profile: Profile) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Per-tier (scale, bias) of the win probability against the profile's cheapest tier."""
+        key = tuple(profile.models)
+        if key not in self._win_params:
+            head = self.model.manifest.head
+            self._win_params[key] = pair_calibration(key, head.win_pairs, head.win_temperature)
+        return self._win_params[key]
 
     def embed(
         self, texts: Sequence[str], keep: Sequence[Keep] | None = None
@@ -127,7 +136,7 @@ class RoutingEngine:
             cols = self.columns(profile)
             sub_ability = ability[rows][:, cols]  # (b, T)
             quality = tier_quality(sub_ability, difficulty[rows])
-            win = calculate_strong_win_rate(sub_ability, self.model.manifest.head.win_temperature)
+            win = win_rate(sub_ability, *self.win_params(profile))
             pinned = {
                 m: tier_quality(ability[rows][:, [self._column[m]]], difficulty[rows])[:, 0]
                 for m in profile.pinned_prices if m in self._column

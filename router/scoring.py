@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import numpy as np
 import numpy.typing as npt
 
@@ -51,6 +54,58 @@ def calculate_strong_win_rate(ability: FloatArray, temperature: float = 1.0) -> 
     (a tie counts one half); 1.0 is plain Bradley-Terry.
     """
     return sigmoid((ability - ability[:, :1]) / temperature)
+
+
+def win_rate(ability: FloatArray, scale: FloatArray, bias: FloatArray) -> FloatArray:
+    """P(tier t's answer beats the cheapest tier's) = sigmoid(scale_t (s_t - s_0) + bias_t).
+
+    scale, bias: (T,) per tier, from the model's per-pair calibration (pair_calibration), or
+    1/T and 0 where a pair had too few shared outcomes to fit its own. Column 0 is 0.5."""
+    win = sigmoid(scale * (ability - ability[:, :1]) + bias)
+    win[:, 0] = 0.5
+    return win
+
+
+def pair_calibration(
+    models: Sequence[str], pairs: Sequence[WinPairLike], temperature: float
+) -> tuple[FloatArray, FloatArray]:
+    """(scale, bias) per tier for win_rate: tier t against tier 0, read from the fitted pairs
+    (stored one way round: P(first beats second) = sigmoid(scale (s_first - s_second) + bias))."""
+    scale = np.full(len(models), 1.0 / temperature, np.float32)
+    bias = np.zeros(len(models), np.float32)
+    fitted = {(p.first, p.second): (p.scale, p.bias) for p in pairs}
+    for t, m in enumerate(models[1:], start=1):
+        if (m, models[0]) in fitted:
+            scale[t], bias[t] = fitted[(m, models[0])]
+        elif (models[0], m) in fitted:
+            sc, b = fitted[(models[0], m)]
+            scale[t], bias[t] = sc, -b  # 1 - sigmoid(sc (s_0 - s_t) + b) = sigmoid(sc (s_t - s_0) - b)
+    return scale, bias
+
+
+def fit_platt(diff: npt.ArrayLike, outcome: npt.ArrayLike, ridge: float = 1e-3) -> tuple[float, float]:
+    """(scale, bias) minimizing log loss of sigmoid(scale diff + bias) against outcomes in [0, 1]
+    (Newton's method on two parameters, a little ridge so it stays finite on separable data)."""
+    d = np.asarray(diff, np.float64)
+    y = np.asarray(outcome, np.float64)
+    Z = np.stack([d, np.ones_like(d)], axis=1)
+    w = np.array([1.0, 0.0])
+    for _ in range(50):
+        p = sigmoid(Z @ w)
+        grad = Z.T @ (p - y) / len(d) + ridge * w
+        hess = (Z * (p * (1 - p))[:, None]).T @ Z / len(d) + ridge * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return float(w[0]), float(w[1])
+
+
+class WinPairLike(Protocol):
+    first: str
+    second: str
+    scale: float
+    bias: float
 
 
 def fit_temperature(diff: npt.ArrayLike, outcome: npt.ArrayLike) -> float:

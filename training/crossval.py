@@ -24,8 +24,8 @@ from router.scoring import LENGTH_FEATURES, sigmoid
 from training import data as D
 from training import evaluate as E
 from training.embed import Embedder
-from training.fit import DEFAULT_ENCODER, REPO, arg_type, build_terms, fit_win_temperature, head_inputs
-from training.model import HEAD_FIELDS, HeadConfig, Terms
+from training.fit import DEFAULT_ENCODER, REPO, arg_type, build_terms, calibrate_win, head_inputs, win_probability
+from training.model import HEAD_FIELDS, HeadConfig, Terms, WinRateHead
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Predictions:
     difficulty: npt.NDArray[np.float32]  # (N,)
     offset: npt.NDArray[np.float32]  # (N, n_datasets) judge offsets of the head that scored the row
     group: npt.NDArray[np.int64]  # (N,) which held-out group scored the row; -1 = not scored
-    win_temperature: npt.NDArray[np.float32]  # (N,) win temperature of the head that scored the row
+    heads: dict[int, WinRateHead] = field(default_factory=dict)  # the head that scored each group
 
 
 def groups_for(cfg: EvalConfig, data: D.RoutingData) -> tuple[npt.NDArray[np.int64], list[str]]:
@@ -102,16 +102,15 @@ def out_of_group(
         np.zeros(data.n_rows, np.float32),
         np.zeros((data.n_rows, n_data), np.float32),
         np.full(data.n_rows, -1, np.int64),
-        np.ones(data.n_rows, np.float32),
     )
     losses = []
     for g in sorted(set(groups.tolist()) - {-1}):
         head = cfg.make_head()
         train = train_mask(cfg, data, terms, groups, g)
         head.fit(X, terms.subset(train))
-        head.win_temperature_ = fit_win_temperature(data, head, X, np.unique(terms.row[train]))
+        calibrate_win(data, head, X, np.unique(terms.row[train]))
         rows = np.nonzero(groups == g)[0]
-        pred.win_temperature[rows] = head.win_temperature_
+        pred.heads[g] = head
         pred.ability[rows], pred.difficulty[rows] = head.logits(X[rows])
         pred.offset[rows] = head.offset_
         pred.group[rows] = g
@@ -177,10 +176,11 @@ def evaluate_pair(
         return None
     p_weak = model_probability(data, pred, rows, dataset, weak).astype(np.float64)
     p_strong = model_probability(data, pred, rows, dataset, strong).astype(np.float64)
-    win = sigmoid(
-        (pred.ability[rows, data.models.index(strong)] - pred.ability[rows, data.models.index(weak)])
-        / pred.win_temperature[rows]
-    )
+    win = np.zeros(len(rows))
+    diff = pred.ability[rows, data.models.index(strong)] - pred.ability[rows, data.models.index(weak)]
+    for g in np.unique(pred.group[rows]):  # as served: each group's head with its own calibration
+        sel = pred.group[rows] == g
+        win[sel] = win_probability(pred.heads[int(g)], strong, weak, diff[sel])
     lengths = np.array([len(data.prompts[r]) for r in rows], np.float64)
 
     emb = X[:, : X.shape[1] - len(LENGTH_FEATURES)]  # kNN: cosine on the embedding alone

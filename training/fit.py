@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from router.artifacts import DEFAULT_POINTER, MANIFEST, MANIFEST_FORMAT, load_model, sha256_file
-from router.scoring import LENGTH_FEATURES, fit_temperature, length_features, sigmoid
+from router.artifacts import DEFAULT_POINTER, MANIFEST, MANIFEST_FORMAT, WinPair, load_model, sha256_file
+from router.scoring import LENGTH_FEATURES, fit_platt, fit_temperature, length_features, pair_calibration, sigmoid
 from training import data as D
 from training import evaluate as E
 from training.embed import Embedder
@@ -62,10 +62,12 @@ def build_terms(data: D.RoutingData) -> Terms:
     return Terms(data.row, data.model, data.dataset, data.target, compare, reference, len(data.models))
 
 
-def pairwise_outcomes(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ability differences and outcomes (1 first better, 0 worse, 0.5 tie) for every pair of
-    models labeled on the same prompt, over `rows` (the data a win temperature is fitted on)."""
-    diffs, outcomes = [], []
+def pairwise_by_pair(
+    data: D.RoutingData, ability: np.ndarray, rows: np.ndarray
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """For every pair of models labeled on the same prompts (over `rows`): their ability
+    differences and outcomes (1 first better, 0 worse, 0.5 tie)."""
+    found: dict[tuple[str, str], tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for name in data.datasets:
         drows, models, mat = data.outcome_matrix(name)
         keep = np.isin(drows, rows)
@@ -73,15 +75,50 @@ def pairwise_outcomes(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray
         cols = [data.models.index(m) for m in models]
         for i in range(len(cols)):
             for j in range(i + 1, len(cols)):
+                diffs, outcomes = found.setdefault((models[i], models[j]), ([], []))
                 diffs.append(ability[drows, cols[i]] - ability[drows, cols[j]])
                 outcomes.append(np.sign(mat[:, i] - mat[:, j]) * 0.5 + 0.5)
-    return np.concatenate(diffs), np.concatenate(outcomes)
+    return {k: (np.concatenate(d), np.concatenate(o)) for k, (d, o) in found.items()}
+
+
+def pairwise_outcomes(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """pairwise_by_pair pooled over all pairs (the data a win temperature is fitted on)."""
+    by_pair = pairwise_by_pair(data, ability, rows)
+    return (np.concatenate([d for d, _ in by_pair.values()]), np.concatenate([o for _, o in by_pair.values()]))
 
 
 def fit_win_temperature(data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray) -> float:
     """Temperature that calibrates the served win probability on the training prompts."""
     ability, _ = head.logits(X)
     return fit_temperature(*pairwise_outcomes(data, ability, rows))
+
+
+MIN_PAIR_OUTCOMES = 300  # fewer shared outcomes than this: the pair uses the pooled temperature
+
+
+def calibrate_win(data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray) -> None:
+    """Set the head's pooled win temperature and its per-pair calibration from `rows`."""
+    head.win_temperature_ = fit_win_temperature(data, head, X, rows)
+    head.win_pairs_ = fit_win_pairs(data, head, X, rows)
+
+
+def fit_win_pairs(data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray) -> list[WinPair]:
+    """Per-pair Platt calibration of the win probability on the training prompts: one
+    temperature cannot fit every pair (MMLU's correctness ties and AlpacaEval's judged
+    preferences sit on different scales)."""
+    ability, _ = head.logits(X)
+    pairs = []
+    for (a, b), (diff, outcome) in sorted(pairwise_by_pair(data, ability, rows).items()):
+        if len(diff) >= MIN_PAIR_OUTCOMES:
+            scale, bias = fit_platt(diff, outcome)
+            pairs.append(WinPair(first=a, second=b, scale=scale, bias=bias, n=len(diff)))
+    return pairs
+
+
+def win_probability(head: WinRateHead, first: str, second: str, diff: np.ndarray) -> np.ndarray:
+    """What the server answers for P(first beats second) given s_first - s_second."""
+    scale, bias = pair_calibration([second, first], head.win_pairs_, head.win_temperature_)
+    return sigmoid(scale[1] * diff + bias[1])
 
 
 def mmlu_routing_figures(data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
@@ -95,7 +132,7 @@ def mmlu_routing_figures(data: D.RoutingData, head: WinRateHead, X: np.ndarray, 
     mw, ms = data.models.index(models[weak]), data.models.index(models[strong])
     p_weak = sigmoid(ability[:, mw] - difficulty)
     p_strong = sigmoid(ability[:, ms] - difficulty)
-    win = sigmoid((ability[:, ms] - ability[:, mw]) / head.win_temperature_)
+    win = win_probability(head, models[strong], models[weak], ability[:, ms] - ability[:, mw])
     lengths = np.array([len(data.prompts[r]) for r in mrows], np.float64)
     # Three ways to rank prompts for the strong model: the quality floor (serving's rule:
     # weak quality lowest first), the expected gain P(strong ok) - P(weak ok), and the
@@ -154,10 +191,14 @@ def heldout_metrics(
             "terms": int(sel.sum()),
         }
     ability, _ = head.logits(X)
-    diff, outcome = pairwise_outcomes(data, ability, test_rows)
+    by_pair = pairwise_by_pair(data, ability, test_rows)
+    diff, outcome = (np.concatenate(parts) for parts in zip(*by_pair.values(), strict=True))
+    served = np.concatenate([win_probability(head, a, b, d) for (a, b), (d, _) in by_pair.items()])
     metrics["win_probability"] = {
         "temperature": head.win_temperature_,
-        "ece": E.expected_calibration_error(sigmoid(diff / head.win_temperature_), outcome),
+        "fitted_pairs": len(head.win_pairs_),
+        "ece": E.expected_calibration_error(served, outcome),
+        "ece_one_temperature": E.expected_calibration_error(sigmoid(diff / head.win_temperature_), outcome),
         "ece_plain_bradley_terry": E.expected_calibration_error(sigmoid(diff), outcome),
         "pairs": int(len(diff)),
     }
@@ -169,7 +210,8 @@ def heldout_metrics(
 PATH_FIELDS = ("data_dir", "encoder_dir", "models_dir")
 # Bump when training code changes what a config produces, so the version name changes too.
 # 2: win temperature fitted on the training prompts. 3: prompt-length features at the head's input.
-ALGORITHM = 3
+# 4: a ReLU layer in front of the head; per-pair win calibration.
+ALGORITHM = 4
 
 
 def portable_config(cfg: FitConfig) -> dict[str, Any]:
@@ -241,9 +283,11 @@ def write_version(
             "features": list(LENGTH_FEATURES),
             "models": data.models,
             "rank": cfg.rank,
+            "hidden": cfg.hidden,  # ReLU layer in front of the MF head (0: linear)
             "judge_offsets": dict(zip(data.datasets, head.offset_.tolist(), strict=True)),
             "parity_max_abs_diff": parity,
             "win_temperature": head.win_temperature_,
+            "win_pairs": [p.model_dump() for p in head.win_pairs_],
         },
         "training": {
             "config": portable_config(cfg),
@@ -309,7 +353,7 @@ def append_rows(X: np.ndarray, terms: Terms, X_extra: np.ndarray, extra: Terms) 
 
 def train_head(cfg: FitConfig, prep: Prepared, extra: tuple[np.ndarray, Terms] | None = None) -> WinRateHead:
     """Fit on the training folds (plus `extra` rows and terms, e.g. logged outcomes), then fit
-    the win temperature on the training prompts."""
+    the win temperature and the per-pair win calibration on the training prompts."""
     # 3. split by prompt hash and fit on the training folds only
     train = prep.fold[prep.terms.row] != cfg.holdout_fold
     X, terms = prep.X, prep.terms.subset(train)
@@ -317,7 +361,7 @@ def train_head(cfg: FitConfig, prep: Prepared, extra: tuple[np.ndarray, Terms] |
         X, terms = append_rows(X, terms, *extra)
     head = cfg.make_head()
     head.fit(X, terms)
-    head.win_temperature_ = fit_win_temperature(prep.data, head, prep.X, np.nonzero(prep.fold != cfg.holdout_fold)[0])
+    calibrate_win(prep.data, head, prep.X, np.nonzero(prep.fold != cfg.holdout_fold)[0])
     return head
 
 

@@ -78,3 +78,36 @@ def test_win_temperature_softens_and_is_fitted_to_outcomes():
     diff = rng.normal(0, 3, 20000)
     outcome = (rng.random(20000) < 1 / (1 + np.exp(-diff / 3.0))).astype(float)  # true T = 3
     assert fit_temperature(diff, outcome) == pytest.approx(3.0, rel=0.1)
+
+
+def test_platt_recovers_scale_and_bias():
+    from router.scoring import fit_platt
+
+    rng = np.random.default_rng(1)
+    diff = rng.normal(0, 2, 40000)
+    outcome = (rng.random(40000) < 1 / (1 + np.exp(-(0.5 * diff - 0.8)))).astype(float)
+    scale, bias = fit_platt(diff, outcome)
+    assert scale == pytest.approx(0.5, abs=0.03) and bias == pytest.approx(-0.8, abs=0.05)
+    # separable data stays finite
+    assert all(np.isfinite(fit_platt(np.array([-1.0, 1.0]), np.array([0.0, 1.0]))))
+
+
+def test_pair_calibration_reads_either_orientation_and_falls_back_to_the_temperature():
+    from types import SimpleNamespace
+
+    from router.scoring import pair_calibration, win_rate
+
+    pairs = [SimpleNamespace(first="big", second="small", scale=0.5, bias=0.3),
+             SimpleNamespace(first="small", second="mid", scale=2.0, bias=-0.4)]
+    scale, bias = pair_calibration(["small", "mid", "big", "other"], pairs, temperature=4.0)
+    assert scale == pytest.approx([0.25, 2.0, 0.5, 0.25])
+    assert bias == pytest.approx([0.0, 0.4, 0.3, 0.0])  # (small, mid) stored the other way round: bias flips
+    ability = np.array([[1.0, 2.0, 3.0, 1.0]])
+    win = win_rate(ability, scale, bias)
+    assert win[0, 0] == 0.5
+    assert win[0, 1] == pytest.approx(float(sigmoid(np.array(2.0 * 1.0 + 0.4))))
+    assert win[0, 2] == pytest.approx(float(sigmoid(np.array(0.5 * 2.0 + 0.3))))
+    assert win[0, 3] == pytest.approx(0.5)  # no fitted pair: sigmoid(0 / T)
+    # consistency: P(mid beats small) computed from the stored (small, mid) pair is its complement
+    s2, b2 = pair_calibration(["mid", "small"], pairs, temperature=4.0)
+    assert float(sigmoid(np.array(s2[1] * (1.0 - 2.0) + b2[1]))) == pytest.approx(1 - win[0, 1])
