@@ -819,15 +819,23 @@ def export_static_encoder(
 HEAD_PARITY_TOL = 1e-4  # max |ONNX - numpy| over logits; float32 matmul reordering stays far below
 
 
-def head_graph(weight: np.ndarray, bias: np.ndarray, opset: int = 17) -> onnx.ModelProto:
+def head_graph(
+    weight: np.ndarray,
+    bias: np.ndarray,
+    hidden_weight: np.ndarray | None = None,
+    hidden_bias: np.ndarray | None = None,
+    opset: int = 17,
+) -> onnx.ModelProto:
     """embedding (B, dim), prompt_chars (B,) -> ability (B, M), difficulty (B,).
 
-    The collapsed (dim + 2, M + 1) head over [embedding, length features], the features computed
-    in the graph exactly as router.scoring.length_features does."""
+    x = [embedding, length features], the features computed in the graph exactly as
+    router.scoring.length_features does; with a hidden layer x' = [x, relu(x W1 + c1)]
+    (training.model), else x' = x; then the collapsed head x' W + b, (B, M + 1)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    n_in, m1 = weight.shape
-    dim = n_in - len(LENGTH_FEATURES)
+    m1 = weight.shape[1]
+    hidden = 0 if hidden_weight is None else hidden_weight.shape[1]
+    dim = weight.shape[0] - hidden - len(LENGTH_FEATURES)
     consts: dict[str, np.ndarray] = {
         "W": weight.astype(np.float32), "b": bias.astype(np.float32),
         "one": np.array(1.0, np.float32), "center": np.array(LENGTH_CENTER, np.float32),
@@ -835,7 +843,6 @@ def head_graph(weight: np.ndarray, bias: np.ndarray, opset: int = 17) -> onnx.Mo
         "zero": np.array([0], np.int64), "m": np.array([m1 - 1], np.int64),
         "m1": np.array([m1], np.int64), "axis1": np.array([1], np.int64),
     }
-    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
     nodes = [
         # length features: f = (log(1 + chars) - center) * scale, and f^2 / 2
         helper.make_node("Add", ["prompt_chars", "one"], ["c1"]),
@@ -846,8 +853,20 @@ def head_graph(weight: np.ndarray, bias: np.ndarray, opset: int = 17) -> onnx.Mo
         helper.make_node("Mul", ["ff", "half"], ["g"]),
         helper.make_node("Unsqueeze", ["f", "axis1"], ["f1"]),
         helper.make_node("Unsqueeze", ["g", "axis1"], ["g1"]),
-        helper.make_node("Concat", ["embedding", "f1", "g1"], ["x"], axis=1),  # (B, dim + 2)
-        helper.make_node("MatMul", ["x", "W"], ["zw"]),
+        helper.make_node("Concat", ["embedding", "f1", "g1"], ["x"] if hidden else ["xw"], axis=1),  # (B, dim + 2)
+    ]
+    if hidden:
+        assert hidden_weight is not None and hidden_bias is not None
+        consts["hidden_W"], consts["hidden_b"] = hidden_weight.astype(np.float32), hidden_bias.astype(np.float32)
+        nodes += [
+            helper.make_node("MatMul", ["x", "hidden_W"], ["hw"]),
+            helper.make_node("Add", ["hw", "hidden_b"], ["hb"]),
+            helper.make_node("Relu", ["hb"], ["h"]),
+            helper.make_node("Concat", ["x", "h"], ["xw"], axis=1),  # (B, dim + 2 + hidden)
+        ]
+    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    nodes += [
+        helper.make_node("MatMul", ["xw", "W"], ["zw"]),
         helper.make_node("Add", ["zw", "b"], ["z"]),  # (B, M + 1)
         helper.make_node("Slice", ["z", "zero", "m", "axis1"], ["ability"]),
         helper.make_node("Slice", ["z", "m", "m1", "axis1"], ["d2"]),
@@ -875,7 +894,10 @@ def export_head(head: Any, path: Path, embedding: np.ndarray, chars: np.ndarray)
     """Write head.onnx; refuse (raise, write nothing) if ONNX Runtime, computing the length
     features itself, disagrees with the trained head on these prompts. Returns the max
     absolute difference over both outputs."""
-    model = head_graph(head.weight_, head.bias_)
+    hidden = getattr(head, "hidden_weight_", None)
+    if hidden is not None and hidden.shape[1] == 0:
+        hidden = None
+    model = head_graph(head.weight_, head.bias_, hidden, None if hidden is None else head.hidden_bias_)
     sess = make_session(model.SerializeToString(), providers=["CPUExecutionProvider"], intra_op_threads=1)
     ability, difficulty = sess.run(
         ["ability", "difficulty"],

@@ -7,6 +7,9 @@ same space, and the model's ability on this prompt is the logit
 
 (optionally plus x . a_m, a per-model full-rank vector with its own ridge penalty).
 
+With `hidden` > 0, x is first widened by one ReLU layer, x' = [x, relu(x W1 + c1)] (a skip
+connection: the linear head is the special case W1 = 0), and everything above reads x'.
+
 Bradley-Terry: P(m's answer beats m''s) = sigmoid(s_m - s_m'). The outcomes in the
 data compare a model's answer with something else, so each data set adds its term:
 
@@ -17,12 +20,13 @@ d(x) = x . w_d + b_d is the prompt's difficulty bar, s_ref the reference model's
 ability (gpt-4-1106-preview, also MMLU's strong model, which ties the files together)
 and c_data a per-file judge offset. Serving reads quality = sigmoid(s_m - d) and
 win probability = sigmoid(s_t - s_cheapest) (router.scoring).
-Because the final map is linear, the trained head collapses to one matrix for export.
+Because the final map is linear, the trained head collapses to one matrix (over x') for export.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +72,8 @@ class HeadConfig:
     optimizer: str = "lbfgs"  # full-batch L-BFGS converges; "adam" is kept for comparison
     l2_direct: float | None = 3e-4  # per-model full-rank weights beside the MF part (None: off)
     reference_weight: float = 0.5  # weight of an AlpacaEval term relative to an MMLU term
+    hidden: int = 256  # width of the ReLU layer in front of the MF head (0: the linear head; docs/evaluation.md)
+    l2_hidden: float = 1e-3  # ridge on that layer's weights
 
     def make_head(self) -> WinRateHead:
         return WinRateHead(**{k: getattr(self, k) for k in HEAD_FIELDS})
@@ -89,6 +95,8 @@ class WinRateHead:
         optimizer: str = HeadConfig.optimizer,
         l2_direct: float | None = HeadConfig.l2_direct,
         reference_weight: float = HeadConfig.reference_weight,
+        hidden: int = HeadConfig.hidden,
+        l2_hidden: float = HeadConfig.l2_hidden,
     ) -> None:
         # Defaults are HeadConfig's (the shipped choice), kept in one place.
         self.rank = rank
@@ -99,6 +107,8 @@ class WinRateHead:
         # Weight of a judged-vs-reference term relative to a correctness term: the AlpacaEval
         # terms help place models but pull the shared vectors away from MMLU's signal.
         self.reference_weight = reference_weight
+        self.hidden = hidden
+        self.l2_hidden = l2_hidden
         self.steps = steps
         self.lr = lr
         self.seed = seed
@@ -109,7 +119,8 @@ class WinRateHead:
 
         torch.manual_seed(self.seed)
         x = torch.from_numpy(np.ascontiguousarray(X, np.float32))  # (N, dim)
-        dim, n_models, n_data = x.shape[1], terms.n_models, len(terms.compare)
+        n_in, n_models, n_data = x.shape[1], terms.n_models, len(terms.compare)
+        dim = n_in + self.hidden  # width of x' (see the module docstring)
         row = torch.from_numpy(terms.row)
         model = torch.from_numpy(terms.model)
         dset = torch.from_numpy(terms.dataset)
@@ -120,7 +131,7 @@ class WinRateHead:
             weight = weight * torch.from_numpy(np.asarray(terms.weight, np.float32))
         weight = weight / weight.mean()
 
-        # 1. parameters (RouteLLM's MF: projection P, model vectors V, biases)
+        # 1. parameters (RouteLLM's MF: projection P, model vectors V, biases; W1, c1 the hidden layer)
         P = torch.nn.Parameter(torch.randn(dim, self.rank) / dim**0.5)
         V = torch.nn.Parameter(torch.randn(n_models, self.rank) * 0.1)
         b = torch.nn.Parameter(torch.zeros(n_models))
@@ -128,12 +139,19 @@ class WinRateHead:
         bd = torch.nn.Parameter(torch.zeros(()))
         offset = torch.nn.Parameter(torch.zeros(n_data))
         A = torch.nn.Parameter(torch.zeros(dim, n_models))
+        W1 = torch.nn.Parameter(torch.randn(n_in, self.hidden) * (2.0 / n_in) ** 0.5)
+        c1 = torch.nn.Parameter(torch.zeros(self.hidden))
         params = [P, V, b, wd, bd, offset] + ([A] if self.l2_direct is not None else [])
+        params += [W1, c1] if self.hidden else []
         l2_direct = self.l2_direct or 0.0
 
+        def widen() -> torch.Tensor:
+            return torch.cat([x, torch.relu(x @ W1 + c1)], dim=1) if self.hidden else x
+
         def objective() -> torch.Tensor:
-            ability = x @ (P @ V.T + A) + b  # (N, M)
-            difficulty = x @ wd + bd  # (N,)
+            xw = widen()
+            ability = xw @ (P @ V.T + A) + b  # (N, M)
+            difficulty = xw @ wd + bd  # (N,)
             s = ability[row, model]  # (K,)
             against = torch.where(is_bar, difficulty[row], ability[row, terms.reference] - offset[dset])
             loss = torch.nn.functional.binary_cross_entropy_with_logits(s - against, y, weight=weight)
@@ -141,6 +159,7 @@ class WinRateHead:
                 loss
                 + self.l2 * (P.square().sum() + V.square().sum() + wd.square().sum())
                 + l2_direct * A.square().sum()
+                + self.l2_hidden * W1.square().sum()
             )
 
         # 2. full-batch training: the data is small enough to see all of it every step
@@ -178,14 +197,24 @@ class WinRateHead:
             self.weight_ = np.concatenate([(P @ V.T + A).numpy(), wd.numpy()[:, None]], axis=1).astype(np.float32)
             self.bias_ = np.concatenate([b.numpy(), bd.numpy()[None]]).astype(np.float32)
             self.offset_ = offset.numpy().astype(np.float32)
+            self.hidden_weight_ = W1.numpy().astype(np.float32)  # (n_in, hidden); (n_in, 0) when off
+            self.hidden_bias_ = c1.numpy().astype(np.float32)
             self.train_loss_ = float(loss)
         self.n_models_ = n_models
         self.win_temperature_ = 1.0  # plain Bradley-Terry until training.fit calibrates it
+        self.win_pairs_: list[Any] = []  # router.artifacts.WinPair, fitted by training.fit too
         return self
+
+    def widen(self, X: F32) -> F32:
+        """x' = [x, relu(x W1 + c1)], or x itself for the linear head."""
+        W1 = getattr(self, "hidden_weight_", None)
+        if W1 is None or W1.shape[1] == 0:
+            return X
+        return np.hstack([X, np.maximum(X @ W1 + self.hidden_bias_, 0.0)]).astype(np.float32)
 
     def logits(self, X: F32) -> tuple[F32, F32]:
         """Ability (N, M) and difficulty (N,), exactly what head.onnx computes."""
-        z = X.astype(np.float32) @ self.weight_ + self.bias_
+        z = self.widen(X.astype(np.float32)) @ self.weight_ + self.bias_
         return z[:, :-1], z[:, -1]
 
     def term_probability(self, X: F32, terms: Terms) -> F32:

@@ -14,6 +14,7 @@ pytest.importorskip("sklearn")
 from router.artifacts import load_model  # noqa: E402
 from router.engine import RouteQuery, RoutingEngine  # noqa: E402
 from router.profiles import Profile, Tier  # noqa: E402
+from router.scoring import length_features  # noqa: E402
 from tests.conftest import MODELS, require_data  # noqa: E402
 from training.export import export_head  # noqa: E402
 from training.fit import FitConfig, fit  # noqa: E402
@@ -46,6 +47,24 @@ def test_small_fit_writes_a_servable_self_describing_version(tmp_path, monkeypat
     )
     (r,) = RoutingEngine(model).route_batch([RouteQuery("What is 2 + 2?", profile)])
     assert r.model_version == manifest["version"] and len(r.quality) == 2
+    # 60 rows give no pair 300 shared outcomes: every pair falls back to the pooled temperature
+    assert manifest["head"]["win_pairs"] == [] and manifest["metrics"]["win_probability"]["fitted_pairs"] == 0
+    # a fitted pair (stored strong-first here) is what the engine serves for that pair
+    import dataclasses
+
+    from router.artifacts import WinPair
+    from router.scoring import sigmoid
+
+    pair = WinPair(first="gpt-4-1106-preview", second="mixtral-8x7b-instruct-v0.1", scale=0.5, bias=0.2, n=500)
+    head_spec = model.manifest.head.model_copy(update={"win_pairs": [pair]})
+    paired = dataclasses.replace(model, manifest=model.manifest.model_copy(update={"head": head_spec}))
+    engine = RoutingEngine(paired)
+    (r2,) = engine.route_batch([RouteQuery("What is 2 + 2?", profile)])
+    emb, _, _ = engine.embed(["What is 2 + 2?"])
+    ability, _ = engine.score(emb, np.array([14.0], np.float32))
+    cols = engine.columns(profile)
+    want = float(sigmoid(np.array(0.5 * (ability[0, cols[1]] - ability[0, cols[0]]) + 0.2)))
+    assert r2.win_probability[0] == 0.5 and r2.win_probability[1] == pytest.approx(want, abs=1e-5)
     # tracked: the run holds the config, the figures and the files; the version is registered
     from mlflow import MlflowClient
 
@@ -80,6 +99,21 @@ def test_export_refuses_a_head_that_onnx_disagrees_with(tmp_path):
     with pytest.raises(RuntimeError, match="differs from the trained head"):
         export_head(liar, tmp_path / "bad.onnx", X, chars)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_export_carries_the_hidden_layer(tmp_path):
+    rng = np.random.default_rng(1)
+    head = WinRateHead(hidden=5)
+    head.hidden_weight_ = rng.normal(size=(8, 5)).astype(np.float32)  # [6-d embedding, 2 length features]
+    head.hidden_bias_ = rng.normal(size=5).astype(np.float32)
+    head.weight_ = rng.normal(size=(13, 4)).astype(np.float32)  # x' = [x, relu(x W1 + c1)]
+    head.bias_ = rng.normal(size=4).astype(np.float32)
+    X = rng.normal(size=(16, 6)).astype(np.float32)
+    chars = rng.integers(1, 5000, size=16).astype(np.float32)
+    assert export_head(head, tmp_path / "h.onnx", X, chars) < 1e-4
+    # the ReLU matters: some units are off on these inputs, so a linear head could not match
+    widened = head.widen(np.hstack([X, length_features(chars)]).astype(np.float32))
+    assert (widened[:, 8:] == 0).any() and (widened[:, 8:] > 0).any()
 
 
 @pytest.mark.slow
