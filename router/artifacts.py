@@ -59,7 +59,7 @@ class HeadSpec(BaseModel):
     input_dim: int = Field(gt=0, description="embedding dimension (length features come on top)")
     features: list[str] = Field(default_factory=list, description="router.scoring.LENGTH_FEATURES")
     models: list[str] = Field(min_length=1)
-    win_temperature: float = Field(1.0, gt=0, description="see router.scoring.calculate_strong_win_rate")
+    win_temperature: float = Field(1.0, gt=0, description="pooled; see router.scoring.pair_calibration")
     win_pairs: list[WinPair] = Field(default_factory=list, description="per-pair calibration; others use 1/T")
 
 

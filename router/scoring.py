@@ -46,21 +46,14 @@ def tier_quality(ability: FloatArray, difficulty: FloatArray) -> FloatArray:
     return sigmoid(ability - difficulty[:, None])
 
 
-def calculate_strong_win_rate(ability: FloatArray, temperature: float = 1.0) -> FloatArray:
-    """Bradley-Terry P(tier t's answer beats the cheapest tier's): sigmoid((s_t - s_0) / T).
-
-    ability: (B, T) logits of the profile's tiers, cheap to expensive. Column 0 is 0.5.
-    temperature: fitted by training so the probability is calibrated against pairwise outcomes
-    (a tie counts one half); 1.0 is plain Bradley-Terry.
-    """
-    return sigmoid((ability - ability[:, :1]) / temperature)
-
-
 def win_rate(ability: FloatArray, scale: FloatArray, bias: FloatArray) -> FloatArray:
-    """P(tier t's answer beats the cheapest tier's) = sigmoid(scale_t (s_t - s_0) + bias_t).
+    """Bradley-Terry P(tier t's answer beats the cheapest tier's) = sigmoid(scale_t (s_t - s_0) + bias_t).
 
-    scale, bias: (T,) per tier, from the model's per-pair calibration (pair_calibration), or
-    1/T and 0 where a pair had too few shared outcomes to fit its own. Column 0 is 0.5."""
+    ability: (B, T) logits of the profile's tiers, cheap to expensive. scale, bias: (T,) per
+    tier, from the model's per-pair calibration (pair_calibration), fitted by training so the
+    probability is calibrated against pairwise outcomes (a tie counts one half); 1/T and 0
+    where a pair had too few shared outcomes to fit its own (1 and 0: plain Bradley-Terry).
+    Column 0 is 0.5."""
     win = sigmoid(scale * (ability - ability[:, :1]) + bias)
     win[:, 0] = 0.5
     return win

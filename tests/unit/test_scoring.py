@@ -5,11 +5,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from router.scoring import (
-    calculate_strong_win_rate,
     choose_floor,
     most_capable_allowed,
+    pair_calibration,
     sigmoid,
     tier_quality,
+    win_rate,
 )
 
 ALL = np.ones((1, 3), bool)
@@ -40,7 +41,7 @@ def test_floor_is_inclusive_and_extremes():
 
 def test_win_rate_of_cheapest_is_one_half_and_follows_bradley_terry():
     ability = np.array([[0.0, 1.0, -2.0]], np.float32)
-    win = calculate_strong_win_rate(ability)
+    win = win_rate(ability, np.ones(3, np.float32), np.zeros(3, np.float32))
     np.testing.assert_allclose(win, [[0.5, sigmoid(np.array(1.0)), sigmoid(np.array(-2.0))]], rtol=1e-6)
 
 
@@ -73,7 +74,8 @@ def test_win_temperature_softens_and_is_fitted_to_outcomes():
     from router.scoring import fit_temperature
 
     ability = np.array([[0.0, 2.0]], np.float32)
-    assert calculate_strong_win_rate(ability, 2.0)[0, 1] == pytest.approx(float(sigmoid(np.array(1.0))))
+    scale, bias = pair_calibration(["cheap", "dear"], [], temperature=2.0)  # no fitted pair: 1/T
+    assert win_rate(ability, scale, bias)[0, 1] == pytest.approx(float(sigmoid(np.array(1.0))))
     rng = np.random.default_rng(0)
     diff = rng.normal(0, 3, 20000)
     outcome = (rng.random(20000) < 1 / (1 + np.exp(-diff / 3.0))).astype(float)  # true T = 3
@@ -94,8 +96,6 @@ def test_platt_recovers_scale_and_bias():
 
 def test_pair_calibration_reads_either_orientation_and_falls_back_to_the_temperature():
     from types import SimpleNamespace
-
-    from router.scoring import pair_calibration, win_rate
 
     pairs = [SimpleNamespace(first="big", second="small", scale=0.5, bias=0.3),
              SimpleNamespace(first="small", second="mid", scale=2.0, bias=-0.4)]
