@@ -49,6 +49,7 @@ class RouterServer:
         )
         self.decision_log = open_decision_log(settings)
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping: asyncio.Task[None] | None = None
         self._swap_lock = asyncio.Lock()
         self.refused: str | None = None  # the last model version refused by reload_model
         self.health = health.aio.HealthServicer()
@@ -133,6 +134,8 @@ class RouterServer:
         profile = self.profiles.current.get("")
         # Warm up outside the batcher (its queue limit is for callers).
         await asyncio.to_thread(self._warm, self.engine, profile)
+        if self.shadow is not None:  # a cold shadow would skip the first batches it is given
+            await asyncio.to_thread(self._warm, self.shadow.engine, profile)
         self.batcher.start()
         if self.settings.profiles_reload_seconds > 0:
             self._tasks.append(asyncio.create_task(self._poll(
@@ -149,7 +152,15 @@ class RouterServer:
         )
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight ones finish within `grace` seconds, then stop."""
+        """Refuse new calls, let in-flight ones finish within `grace` seconds, then stop.
+
+        A second call (a signal, then the context manager's exit) waits for the first to finish;
+        a cancelled caller does not cancel the stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float | None) -> None:
         grace = self.settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
@@ -165,6 +176,18 @@ class RouterServer:
             await asyncio.to_thread(self.shadow.close)
         if self.decision_log is not None:
             await asyncio.to_thread(self.decision_log.close)  # writes every decision still buffered
+
+    async def __aenter__(self) -> RouterServer:
+        """`async with build_server(s) as srv:` starts it and always stops it, even when start() fails."""
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def wait_for_termination(self) -> None:
         await self.grpc.wait_for_termination()

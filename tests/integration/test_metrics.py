@@ -20,19 +20,15 @@ def sample(name: str, **labels: str) -> float:
 async def test_route_calls_are_timed_and_counted_by_code():
     settings = Settings(host="127.0.0.1", port=0, model_dir=MODELS, profiles_path=PROFILES,
                         device="cpu", intra_op_threads=1, grace_seconds=1.0)
-    server = build_server(settings)
-    await server.start()
-    ok = sample("router_requests_total", method="Route", code="OK")
-    bad = sample("router_requests_total", method="Route", code="INVALID_ARGUMENT")
-    timed = sample("router_route_seconds_count", method="Route")
-    try:
+    async with build_server(settings) as server:
+        ok = sample("router_requests_total", method="Route", code="OK")
+        bad = sample("router_requests_total", method="Route", code="INVALID_ARGUMENT")
+        timed = sample("router_route_seconds_count", method="Route")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             await stub.Route(router_pb2.RouteRequest(prompt="Write a haiku about autumn."))
             with pytest.raises(grpc.aio.AioRpcError):
                 await stub.Route(router_pb2.RouteRequest())
-    finally:
-        await server.stop(grace=1)
     assert sample("router_requests_total", method="Route", code="OK") == ok + 1
     assert sample("router_requests_total", method="Route", code="INVALID_ARGUMENT") == bad + 1
     assert sample("router_route_seconds_count", method="Route") == timed + 2

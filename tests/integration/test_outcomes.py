@@ -52,14 +52,13 @@ async def test_every_decision_is_logged_without_the_prompt(tmp_path):
     from router.server import build_server
 
     url = f"sqlite:///{tmp_path / 'log.db'}"
-    srv = build_server(settings(decision_log_url=url, decision_log_salt="s1"))
-    await srv.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+    async with build_server(settings(decision_log_url=url, decision_log_salt="s1")) as srv, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         resp = await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[1], workflow="wf", tenant="t"))
         batch = await stub.RouteBatch(router_pb2.RouteBatchRequest(
             requests=[router_pb2.RouteRequest(prompt=p) for p in PROMPTS]))
-    await srv.stop(grace=1)  # flushes the buffer
+    # leaving the block stopped the server, which flushed the decision buffer
     with DecisionLog(url, salt="s1") as dlog:
         assert dlog.count() == 1 + len(batch.responses)
         rec = dlog.decision(resp.decision_id)

@@ -19,11 +19,9 @@ async def live(tmp_path):
     """A server on a copy of the shipped profiles, checked for changes every 50 ms."""
     shutil.copy(PROFILES, tmp_path / "profiles.toml")
     shutil.copy(PROFILES.parent / "prices.toml", tmp_path / "prices.toml")
-    srv = build_server(settings(profiles_path=tmp_path / "profiles.toml", profiles_reload_seconds=0.05))
-    await srv.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+    async with build_server(settings(profiles_path=tmp_path / "profiles.toml", profiles_reload_seconds=0.05)) as srv, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         yield srv, router_pb2_grpc.RouterStub(channel), tmp_path / "profiles.toml"
-    await srv.stop(grace=1)
 
 
 async def test_every_answer_carries_costs_and_the_profile_version(live):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from router.config import Settings
-from router.server import build_server
+from router.server import RouterServer, build_server
 from router.v1 import router_pb2, router_pb2_grpc
 from tests.conftest import MODELS, PROFILES
 
@@ -40,10 +43,34 @@ def settings(**kw) -> Settings:
 
 @pytest.fixture
 async def server():
-    srv = build_server(settings())
-    await srv.start()
-    yield srv
-    await srv.stop(grace=1)
+    async with build_server(settings()) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def engine_held(srv: RouterServer) -> Iterator[threading.Event]:
+    """Every batch waits in the engine thread until the gate opens (or the block exits), so calls
+    pile up in the queue however fast the machine is."""
+    gate = threading.Event()
+    run = srv.batcher._run_batch
+
+    def held(queries):
+        gate.wait(30)
+        return run(queries)
+
+    srv.batcher._run_batch = held
+    try:
+        yield gate
+    finally:
+        gate.set()
+
+
+async def until(predicate, timeout: float = 30.0) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout)
 
 
 @pytest.fixture
@@ -185,36 +212,34 @@ async def test_overlong_prompt_is_truncated_not_rejected(stub):
 
 
 async def test_full_queue_gets_resource_exhausted_at_once():
-    srv = build_server(settings(max_queue=2, max_batch_size=1))
-    await srv.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
-            calls = [stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[1] * 8)) for _ in range(40)]
+    async with build_server(settings(max_queue=2, max_batch_size=1)) as srv, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        with engine_held(srv) as gate:
+            calls = [asyncio.ensure_future(stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[1])))
+                     for _ in range(40)]
+            # One batch of one in the engine and two queued: the other 37 are refused at once.
+            await until(lambda: sum(c.done() for c in calls) >= 37)
+            gate.set()
             results = await asyncio.gather(*calls, return_exceptions=True)
-        codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
-        assert codes and set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-        assert any(isinstance(r, router_pb2.RouteResponse) for r in results)
-    finally:
-        await srv.stop(grace=1)
+    codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(codes) == 37 and set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert sum(isinstance(r, router_pb2.RouteResponse) for r in results) == 3
 
 
 async def test_graceful_stop_finishes_in_flight_calls():
-    srv = build_server(settings())
-    await srv.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+    async with build_server(settings()) as srv, grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         stub = router_pb2_grpc.RouterStub(channel)
-        calls = [asyncio.ensure_future(stub.Route(router_pb2.RouteRequest(prompt=p * 20)))
-                 for p in PROMPTS * 8]
-        # Stop only once every call has been admitted (a call arriving after stop() starts is
-        # refused, correctly), while most are still queued or running.
-        for _ in range(500):
-            if srv.batcher.queued + srv.batcher.batched_items >= len(calls):
-                break
-            await asyncio.sleep(0.002)
-        assert srv.batcher.queued > 0, "all calls finished before stop(); make them slower"
-        await srv.stop(grace=10)
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        with engine_held(srv) as gate:
+            calls = [asyncio.ensure_future(stub.Route(router_pb2.RouteRequest(prompt=p)))
+                     for p in PROMPTS * 8]
+            await until(lambda: srv.batcher.queued + srv.batcher.batched_items == len(calls))
+            stopping = asyncio.ensure_future(srv.stop(grace=10))
+            await asyncio.sleep(0.2)
+            assert not stopping.done(), "stop() returned while admitted calls were still waiting"
+            gate.set()
+            await stopping
+            results = await asyncio.gather(*calls, return_exceptions=True)
     errors = [r for r in results if not isinstance(r, router_pb2.RouteResponse)]
     assert not errors, errors
 
