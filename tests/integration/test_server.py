@@ -52,17 +52,19 @@ def engine_held(srv: RouterServer) -> Iterator[threading.Event]:
     """Every batch waits in the engine thread until the gate opens (or the block exits), so calls
     pile up in the queue however fast the machine is."""
     gate = threading.Event()
-    run = srv.batcher._run_batch
+    engine = srv.engine
+    run = engine.route_batch
 
     def held(queries):
         gate.wait(30)
         return run(queries)
 
-    srv.batcher._run_batch = held
+    engine.route_batch = held  # type: ignore[method-assign]
     try:
         yield gate
     finally:
         gate.set()
+        del engine.route_batch  # the class's method again
 
 
 async def until(predicate, timeout: float = 30.0) -> None:
