@@ -130,9 +130,12 @@ async def test_route_batch_keeps_order_and_matches_single_calls(stub):
 
 async def test_concurrent_callers_each_get_their_own_answer(stub, server):
     singles = [await stub.Route(router_pb2.RouteRequest(prompt=p)) for p in PROMPTS]
-    calls = [stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[i % 4], request_id=str(i)))
-             for i in range(64)]
-    results = await asyncio.gather(*calls)
+    with engine_held(server) as gate:  # the first batch waits, so the others queue up behind it
+        calls = [asyncio.ensure_future(stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[i % 4], request_id=str(i))))
+                 for i in range(64)]
+        await until(lambda: server.batcher.queued > 1)
+        gate.set()
+        results = await asyncio.gather(*calls)
     for i, r in enumerate(results):
         assert r.request_id == str(i)
         assert r.scores[0].quality == pytest.approx(singles[i % 4].scores[0].quality, abs=0.02)
