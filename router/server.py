@@ -201,20 +201,19 @@ def build_server(settings: Settings) -> RouterServer:
 async def serve(settings: Settings) -> None:
     server = build_server(settings)
     metrics = start_metrics_server(settings.host, settings.metrics_port)
-    await server.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    async with server:  # stopped on the way out, also if start-up fails half-way
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
 
-    def reload_now() -> None:  # SIGHUP: reload the profiles and the model DEFAULT names, now
-        server.profiles.reload()
-        asyncio.ensure_future(server.reload_model())
+        def reload_now() -> None:  # SIGHUP: reload the profiles and the model DEFAULT names, now
+            server.profiles.reload()
+            asyncio.ensure_future(server.reload_model())
 
-    loop.add_signal_handler(signal.SIGHUP, reload_now)
-    await stopping.wait()
-    log.info("signal received: finishing in-flight calls (grace %.1fs)", settings.grace_seconds)
-    await server.stop()
+        loop.add_signal_handler(signal.SIGHUP, reload_now)
+        await stopping.wait()
+        log.info("signal received: finishing in-flight calls (grace %.1fs)", settings.grace_seconds)
     if metrics is not None:
         metrics.close()
     log.info("stopped")

@@ -11,7 +11,7 @@ import grpc
 
 from router.server import build_server
 from router.v1 import router_pb2, router_pb2_grpc
-from tests.integration.test_server import PROMPTS, settings
+from tests.integration.test_server import PROMPTS, settings, wait_for
 
 
 def copy_version(src: Path, root: Path, name: str) -> Path:
@@ -28,14 +28,6 @@ def point_default(root: Path, name: str) -> None:
     tmp = root / "DEFAULT.tmp"
     tmp.write_text(name + "\n")
     tmp.replace(root / "DEFAULT")  # atomically, as training writes it
-
-
-async def wait_for(predicate, timeout: float = 15.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 async def test_promoted_version_is_swapped_in_under_load_and_a_broken_one_refused(tmp_path, model_dir):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 
 import grpc
@@ -11,7 +10,7 @@ import pytest
 from router.server import build_server
 from router.v1 import router_pb2, router_pb2_grpc
 from tests.conftest import PROFILES
-from tests.integration.test_server import PROMPTS, settings
+from tests.integration.test_server import PROMPTS, settings, wait_for
 
 
 @pytest.fixture
@@ -97,12 +96,9 @@ async def test_escalation(live):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "rule:summaries-not-above-mid" in e.value.details()
 
 
-async def _wait_for_version(srv, old: str, timeout: float = 20.0) -> str:
-    for _ in range(int(timeout / 0.02)):
-        if srv.profiles.current.version != old:
-            return srv.profiles.current.version
-        await asyncio.sleep(0.02)
-    return old
+async def _wait_for_version(srv, old: str) -> str:
+    await wait_for(lambda: srv.profiles.current.version != old)
+    return srv.profiles.current.version
 
 
 async def test_hot_reload_swaps_whole_files_and_keeps_the_last_good_one(live):
@@ -110,10 +106,7 @@ async def test_hot_reload_swaps_whole_files_and_keeps_the_last_good_one(live):
     v1 = (await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0]))).profile_version
     # a broken edit (unknown tier in a rule) is refused: the server keeps answering with v1
     path.write_text(path.read_text().replace('max_tier = "mid"', 'max_tier = "middle"'))
-    for _ in range(500):  # the watcher polls every 50 ms; allow for a slow machine
-        if srv.profiles.last_error:
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: srv.profiles.last_error)  # the watcher polls every 50 ms
     assert srv.profiles.last_error and "rules.1.max_tier: 'middle'" in srv.profiles.last_error
     resp = await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0], stage="summarize"))
     assert resp.profile_version == v1

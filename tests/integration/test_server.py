@@ -67,12 +67,14 @@ def engine_held(srv: RouterServer) -> Iterator[threading.Event]:
         del engine.route_batch  # the class's method again
 
 
-async def until(predicate, timeout: float = 30.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), timeout)
+async def wait_for(predicate, timeout: float = 30.0) -> None:
+    """Poll `predicate` every 5 ms; fail the test if it is still false after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout:.0f} s")
+        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -133,7 +135,7 @@ async def test_concurrent_callers_each_get_their_own_answer(stub, server):
     with engine_held(server) as gate:  # the first batch waits, so the others queue up behind it
         calls = [asyncio.ensure_future(stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[i % 4], request_id=str(i))))
                  for i in range(64)]
-        await until(lambda: server.batcher.queued > 1)
+        await wait_for(lambda: server.batcher.queued > 1)
         gate.set()
         results = await asyncio.gather(*calls)
     for i, r in enumerate(results):
@@ -224,7 +226,7 @@ async def test_full_queue_gets_resource_exhausted_at_once():
             calls = [asyncio.ensure_future(stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[1])))
                      for _ in range(40)]
             # One batch of one in the engine and two queued: the other 37 are refused at once.
-            await until(lambda: sum(c.done() for c in calls) >= 37)
+            await wait_for(lambda: sum(c.done() for c in calls) >= 37)
             gate.set()
             results = await asyncio.gather(*calls, return_exceptions=True)
     codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
@@ -238,7 +240,7 @@ async def test_graceful_stop_finishes_in_flight_calls():
         with engine_held(srv) as gate:
             calls = [asyncio.ensure_future(stub.Route(router_pb2.RouteRequest(prompt=p)))
                      for p in PROMPTS * 8]
-            await until(lambda: srv.batcher.queued + srv.batcher.batched_items == len(calls))
+            await wait_for(lambda: srv.batcher.queued + srv.batcher.batched_items == len(calls))
             stopping = asyncio.ensure_future(srv.stop(grace=10))
             await asyncio.sleep(0.2)
             assert not stopping.done(), "stop() returned while admitted calls were still waiting"
