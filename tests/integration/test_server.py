@@ -261,3 +261,19 @@ async def test_broken_model_refuses_to_start(tmp_path, model_dir):
 
     with pytest.raises(ArtifactError, match="sha256"):
         build_server(settings(model_dir=broken))
+
+
+async def test_a_failed_start_stops_the_half_started_server(monkeypatch):
+    import socket
+
+    def broken_warm(engine, profile):
+        raise RuntimeError("warm-up failed")
+
+    srv = build_server(settings())
+    monkeypatch.setattr(srv, "_warm", broken_warm)
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        async with srv:
+            pass
+    # the listener bound before warm-up was closed: the port can be bound again
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", srv.port))
