@@ -28,6 +28,7 @@ from router.artifacts import Manifest, load_model, make_session, read_manifest, 
 from router.engine import RouteQuery, RouteResult, RoutingEngine
 from router.profiles import ProfileSet
 from router.scoring import LENGTH_FEATURES, length_features
+from router.server import freeze_heap
 from router.tokenizer import RouterTokenizer
 from router.v1 import router_pb2, router_pb2_grpc
 
@@ -356,6 +357,9 @@ def run(args: argparse.Namespace, counts: dict[str, int]) -> dict[str, Any]:
                 time_calls(stub.Route, [router_pb2.RouteRequest(prompt=p) for p in b.prompts],
                            0, counts["warmup"])
             report["server_rss_mib"] = {"after_warmup": round(server.rss_mib(), 1)}
+            # This process's own collector pauses (torch's heap is large) would stall every
+            # contender and every in-flight call alike; the server freezes its heap the same way.
+            freeze_heap()
             report["transport"] = quiet.run(functools.partial(transport_floor, channel, counts))[0]
             report["buckets"] = {}
             for b in buckets:

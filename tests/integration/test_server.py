@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -277,3 +278,14 @@ async def test_a_failed_start_stops_the_half_started_server(monkeypatch):
     # the listener bound before warm-up was closed: the port can be bound again
     with socket.socket() as s:
         s.bind(("127.0.0.1", srv.port))
+
+
+async def test_the_warmed_up_heap_is_frozen_out_of_the_collector():
+    # Full collections over everything alive after warm-up took 30-55 ms with the GIL held
+    # (docs/benchmarks.md, "Collector pauses"); the server freezes that heap when it starts.
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    async with build_server(settings()) as srv:
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000, frozen  # modules, the model, gRPC's objects
+        assert srv.engine is not None
