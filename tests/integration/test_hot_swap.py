@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -51,8 +52,10 @@ async def test_promoted_version_is_swapped_in_under_load_and_a_broken_one_refuse
 
             callers = [asyncio.create_task(caller(i)) for i in range(8)]
             await asyncio.sleep(0.2)
+            frozen = gc.get_freeze_count()
             point_default(root, "v2")
             await wait_for(lambda: srv.engine.version == "v2")
+            assert gc.get_freeze_count() > frozen  # the new engine is frozen out of the collector too
             await asyncio.sleep(0.2)
             stop.set()
             seen = [v for c in await asyncio.gather(*callers) for v in c]  # every call answered
