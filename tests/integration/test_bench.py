@@ -1,0 +1,32 @@
+"""`python -m bench` end to end, in its smallest form: it must keep working (`make bench`), but the
+figures it prints are measurements for docs/benchmarks.md, not something a test checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+from tests.integration.serveproc import server_env
+
+
+def test_quick_bench_runs_the_real_server_and_writes_its_report(tmp_path):
+    out = tmp_path / "latency.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-naive", "--levels", "1,8", "--patience", "5",
+         "--out", str(out)],
+        cwd=REPO, env=server_env(tmp_path), capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["server_exit_code"] == 0
+    assert report["machine"]["cpu_model"] and report["machine"]["onnxruntime_providers"]
+    assert list(report["buckets"]) == ["<=16", "17-64", "65-128", "129-256"]
+    for bucket in report["buckets"].values():  # Route beside the raw encoder on the same prompts
+        assert 0 < bucket["floor"]["p50_ms"] <= bucket["route"]["p50_ms"] <= bucket["route"]["p99_ms"]
+    assert [level["in_flight"] for level in report["sweep"]] == [1, 8]
+    assert all(level["calls"] == level["latency"]["n"] for level in report["sweep"])
+    assert report["route_batch"]["decisions_per_s"] > 0
+    assert {t["name"] for t in report["targets"]} >= {"Route p50 ms, 17-64 tokens", "p99 ms at 32 in flight"}
+    assert "Route p50" in run.stdout and "wrote" in run.stdout
