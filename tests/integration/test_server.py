@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -265,8 +266,6 @@ async def test_broken_model_refuses_to_start(tmp_path, model_dir):
 
 
 async def test_a_failed_start_stops_the_half_started_server(monkeypatch):
-    import socket
-
     def broken_warm(engine, profile):
         raise RuntimeError("warm-up failed")
 
