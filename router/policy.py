@@ -218,6 +218,33 @@ def decide(
     return Decided(choices, costs, out_tokens)
 
 
+def settled_within(
+    margin: float,
+    profile: Profile,
+    quality: S.FloatArray,
+    input_tokens: npt.NDArray[np.int64],
+    texts: Sequence[str],
+    contexts: Sequence[RequestContext],
+) -> npt.NDArray[np.bool_]:
+    """Rows whose decision no change of each tier's quality by up to `margin` can move: the tier
+    stays when the chosen tier's quality drops by `margin` and every other tier's rises by it.
+    That is the worst case in every mode (floor and share: the chosen tier may fall under its floor
+    and a cheaper one clear it; budget and rework: the best objective may lose to another), so a
+    shift of all tiers together, which leaves budget and rework decisions alone, is not used.
+    Exploration is left out: the caller draws it on the final decision."""
+    plain = decide(profile, quality, input_tokens, texts, contexts).choices
+    chosen = np.array([c.tier_index for c in plain], np.int64)
+    shaken = np.asarray(quality, np.float32) + np.float32(margin)
+    has_tier = np.flatnonzero(chosen >= 0)  # a model pinned outside the tiers, or a refusal: no column
+    shaken[has_tier, chosen[has_tier]] -= np.float32(2 * margin)
+    worst = decide(profile, np.clip(shaken, 0.0, 1.0), input_tokens, texts, contexts).choices
+    return np.array(
+        [a.tier_index == b.tier_index and a.model == b.model and a.refused == b.refused
+         for a, b in zip(plain, worst, strict=True)],
+        np.bool_,
+    )
+
+
 def _pinned(
     profile: Profile, rule: Rule, i: int, quality: S.FloatArray, costs: npt.NDArray[np.float64],
     input_tokens: npt.NDArray[np.int64], out_tokens: npt.NDArray[np.int64],

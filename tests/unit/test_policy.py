@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router import scoring as S
-from router.policy import RequestContext, decide
+from router.policy import RequestContext, decide, settled_within
 from router.profiles import Profile, Rule, Tier
 
 # budget 1/2 USD per M tokens, mid 3/4, frontier 10/30
@@ -208,3 +208,53 @@ def test_budget_lambda_meets_the_budget():
         assert cost[np.arange(2000), looser].mean() * 1000 > spent * 0.999  # no slack left on the table
     with pytest.raises(S.UnreachableTarget, match="below the cheapest possible"):
         S.budget_lambda(q, cost, 0.01)
+
+
+# -- cascade: which decisions a margin of error in the quality cannot move ------------------------
+
+CASCADE_PROFILES = {
+    "floor": profile(floor=0.5),
+    "share": profile(mode="share", shares={"frontier": 0.2}, floors=(0.7, 0.55, 0.0)),
+    "budget": profile(mode="budget", budget_per_1k=5, budget_lambda=0.02),
+    "rework": profile(mode="rework", rework_cost=0.2),
+    "capped": profile(floor=0.5, rules=(Rule(name="acme", tenant="acme", max_tier="mid"),)),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(sorted(CASCADE_PROFILES)),
+    st.lists(st.floats(0.0, 1.0, width=32), min_size=3, max_size=3),
+    st.floats(0.001, 0.3),
+    st.lists(st.floats(-1.0, 1.0), min_size=3, max_size=3),
+    st.booleans(),
+)
+def test_a_settled_decision_survives_any_error_within_the_margin(mode, q, margin, unit, acme):
+    p = CASCADE_PROFILES[mode]
+    ctx = [RequestContext(tenant="acme" if acme else "")]
+    quality = np.array([q], np.float32)
+    tokens, texts = np.full(1, 1000, np.int64), ["x"]
+    settled = settled_within(margin, p, quality, tokens, texts, ctx)[0]
+    moved = np.clip(quality + 0.999 * margin * np.array([unit], np.float32), 0.0, 1.0)
+    before = decide(p, quality, tokens, texts, ctx).choices[0].tier
+    after = decide(p, moved, tokens, texts, ctx).choices[0].tier
+    if settled:
+        assert after == before
+
+
+@pytest.mark.parametrize("mode", sorted(CASCADE_PROFILES))
+def test_a_decision_near_its_threshold_is_not_settled(mode):
+    """Each mode's boundary, approached within the margin, is flagged close; far from it, settled.
+    A shift of all tiers together would leave budget and rework decisions unmoved."""
+    p = CASCADE_PROFILES[mode]
+    tokens, texts, ctx = np.full(2, 1000, np.int64), ["x"] * 2, [RequestContext()] * 2
+    near_far = {  # row 0: near a boundary, row 1: far from every boundary
+        "floor": [[0.52, 0.6, 0.9], [0.95, 0.96, 0.97]],
+        "share": [[0.71, 0.6, 0.9], [0.99, 0.99, 0.99]],
+        "budget": [[0.5, 0.55, 0.9], [0.9, 0.1, 0.1]],  # costs 3/7/40 per 1k, lambda 0.02: 0.44, 0.41, 0.10
+        "rework": [[0.6, 0.62, 0.8], [0.99, 0.5, 0.5]],  # USD 0.083, 0.083, 0.080: frontier by 0.003
+        "capped": [[0.48, 0.6, 0.9], [0.9, 0.9, 0.9]],
+    }[mode]
+    q = np.array(near_far, np.float32)
+    assert settled_within(0.05, p, q, tokens, texts, ctx).tolist() == [False, True]
+    assert settled_within(0.001, p, q, tokens, texts, ctx).tolist() == [True, True]
