@@ -63,6 +63,15 @@ class HeadSpec(BaseModel):
     win_pairs: list[WinPair] = Field(default_factory=list, description="per-pair calibration; others use 1/T")
 
 
+class CascadeSpec(BaseModel):
+    """A cheaper first stage (typically the static encoder, with a head fitted on its embeddings)
+    for profiles that set `cascade_margin`: router.engine runs it first and the main encoder only
+    for the requests whose decision it leaves close. File names are relative to the version."""
+
+    encoder: EncoderSpec
+    head: HeadSpec
+
+
 class Manifest(BaseModel):
     """What a model version says about itself; checked against its files at load."""
 
@@ -72,6 +81,7 @@ class Manifest(BaseModel):
     version: str = Field(min_length=1)
     encoder: EncoderSpec
     head: HeadSpec
+    cascade: CascadeSpec | None = None
     licenses: dict[str, str] = {}
     metrics: dict[str, Any] = {}
     mlflow_run_id: str | None = None
@@ -134,6 +144,17 @@ def make_session(path: Path | bytes, *, providers: list[str], intra_op_threads: 
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One encoder and the head fitted on its embeddings, loaded and checked."""
+
+    encoder_spec: EncoderSpec
+    head_spec: HeadSpec
+    tokenizer: RouterTokenizer
+    encoder: ort.InferenceSession
+    head: ort.InferenceSession
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """A checked model version ready to run."""
 
@@ -142,6 +163,11 @@ class LoadedModel:
     tokenizer: RouterTokenizer
     encoder: ort.InferenceSession
     head: ort.InferenceSession
+    first_stage: Stage | None = None  # the cascade's cheap stage, when the version has one
+
+    @property
+    def main_stage(self) -> Stage:
+        return Stage(self.manifest.encoder, self.manifest.head, self.tokenizer, self.encoder, self.head)
 
     @property
     def version(self) -> str:
@@ -181,16 +207,9 @@ HEAD_INPUTS = ["embedding", "prompt_chars"]
 HEAD_OUTPUTS = ["ability", "difficulty"]
 
 
-def load_model(
-    model_dir: Path,
-    *,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    intra_op_threads: int = 0,
-) -> LoadedModel:
-    """Load and check a model version; any mismatch is an ArtifactError, never a half-loaded model."""
-    model_dir = resolve_model_dir(model_dir)
-    manifest = read_manifest(model_dir)
-    enc, head = manifest.encoder, manifest.head
+def _load_stage(
+    model_dir: Path, enc: EncoderSpec, head: HeadSpec, providers: list[str], intra_op_threads: int
+) -> Stage:
     if head.input_dim != enc.dim:
         raise ArtifactError(f"{model_dir}: head expects {head.input_dim}-d input, encoder gives {enc.dim}")
     enc_path = _checked_file(model_dir, enc.file, enc.sha256, "encoder")
@@ -199,7 +218,6 @@ def load_model(
     if not tok_path.is_file():
         raise ArtifactError(f"{tok_path}: tokenizer file named in the manifest is missing")
 
-    providers = providers_for(device)
     encoder = make_session(enc_path, providers=providers, intra_op_threads=intra_op_threads)
     _check_io(encoder, enc_path, enc.input_names, [enc.output_name])
     dim = _static_dim(encoder, "out", 0)
@@ -214,14 +232,34 @@ def load_model(
         raise ArtifactError(f"{head_path}: takes {d}-d input, manifest says {head.input_dim}")
     if (m := _static_dim(head_sess, "out", 0)) is not None and m != len(head.models):
         raise ArtifactError(f"{head_path}: scores {m} models, manifest lists {len(head.models)}")
+    return Stage(enc, head, RouterTokenizer(tok_path, enc.max_tokens), encoder, head_sess)
 
-    tokenizer = RouterTokenizer(tok_path, enc.max_tokens)
+
+def load_model(
+    model_dir: Path,
+    *,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    intra_op_threads: int = 0,
+) -> LoadedModel:
+    """Load and check a model version; any mismatch is an ArtifactError, never a half-loaded model."""
+    model_dir = resolve_model_dir(model_dir)
+    manifest = read_manifest(model_dir)
+    providers = providers_for(device)
+    main = _load_stage(model_dir, manifest.encoder, manifest.head, providers, intra_op_threads)
+    first = None
+    if (cascade := manifest.cascade) is not None:
+        if cascade.head.models != manifest.head.models:
+            raise ArtifactError(
+                f"{model_dir}: the cascade's head scores {cascade.head.models}, the main head {manifest.head.models}"
+            )
+        first = _load_stage(model_dir, cascade.encoder, cascade.head, providers, intra_op_threads)
     log.info(
-        "loaded model %s from %s (encoder %s, %d models, providers %s)",
+        "loaded model %s from %s (encoder %s%s, %d models, providers %s)",
         manifest.version,
         model_dir,
-        enc.name,
-        len(head.models),
-        encoder.get_providers(),
+        manifest.encoder.name,
+        f", cascade first stage {first.encoder_spec.name}" if first else "",
+        len(manifest.head.models),
+        main.encoder.get_providers(),
     )
-    return LoadedModel(manifest, model_dir, tokenizer, encoder, head_sess)
+    return LoadedModel(manifest, model_dir, main.tokenizer, main.encoder, main.head, first)

@@ -92,6 +92,7 @@ class DecisionRecord:
     input_tokens: int = 0
     prompt_chars: int = 0
     prompt: str | None = None
+    encoder: str = ""  # whose embedding this is: the version's main encoder or a cascade's first stage
 
     def __post_init__(self) -> None:
         if not self.decision_id:
@@ -194,6 +195,8 @@ decisions = sa.Table(
     sa.Column("prompt_hash", sa.String, nullable=False),
     sa.Column("embedding", sa.LargeBinary, nullable=False),  # float16
     sa.Column("prompt", sa.Text, nullable=True),  # only when the profile opts in
+    # added after the first release: logs made before it get "" (their embeddings are the main encoder's)
+    sa.Column("encoder", sa.String, nullable=False, server_default=""),
     sa.Index("ix_decisions_request_id", "request_id", "created_at"),
     sa.Index("ix_decisions_created_at", "created_at"),
 )
@@ -371,6 +374,27 @@ class DecisionLog:
         except sa.exc.DBAPIError:
             # another replica created them between our check and our CREATE
             metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added to `decisions` after a log was made: added in place, with their default."""
+        for _ in range(2):  # a second pass if another replica added one between our check and ours
+            present = {c["name"] for c in sa.inspect(self.engine).get_columns("decisions")}
+            missing = [c for c in decisions.columns if c.name not in present]
+            if not missing:
+                return
+            try:
+                with self.engine.begin() as conn:
+                    for col in missing:
+                        kind = col.type.compile(dialect=self.engine.dialect)
+                        default = col.server_default.arg if col.server_default is not None else None  # type: ignore[attr-defined]
+                        conn.execute(sa.text(
+                            f"ALTER TABLE decisions ADD COLUMN {col.name} {kind}"
+                            + (f" NOT NULL DEFAULT '{default}'" if default is not None else "")
+                        ))
+                        log.info("decision log: added column decisions.%s", col.name)
+            except sa.exc.DBAPIError:
+                continue
 
     @property
     def pending(self) -> int:
@@ -578,15 +602,18 @@ class DecisionLog:
             for row in conn.execution_options(yield_per=1000).execute(query):
                 yield _decision_from_row(row)
 
-    def labeled(self, since: dt.datetime | None = None, limit: int | None = None) -> LabeledDecisions:
+    def labeled(
+        self, since: dt.datetime | None = None, limit: int | None = None, encoder: str | None = None
+    ) -> LabeledDecisions:
         """Decisions that have an outcome, oldest first: those made at or after `since`, and of
-        those the newest `limit`. Rows whose embedding size differs from the newest row's (an
-        older encoder) are left out, with a warning."""
+        those the newest `limit`. With `encoder`, only rows embedded by that encoder (or logged
+        before the log named encoders) are kept; rows whose embedding size differs from the
+        newest kept row's (an older encoder) are left out too, with a warning."""
         d, o = decisions.c, outcomes.c
         query = (
             sa.select(
                 d.decision_id, d.created_at, d.profile, d.model_version, d.model, d.tier_index, d.scores,
-                d.propensity, d.embedding, d.prompt_chars,
+                d.propensity, d.embedding, d.prompt_chars, d.encoder,
                 o.success, o.score, o.rework, o.cost_usd,
             )
             .join_from(decisions, outcomes)
@@ -598,6 +625,14 @@ class DecisionLog:
             query = query.limit(limit)
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()[::-1]
+        if encoder is not None:
+            mine = [r for r in rows if r.encoder in ("", encoder)]
+            if len(mine) < len(rows):
+                log.warning(
+                    "left out %d logged outcomes embedded by another encoder than %s (a cascade's first stage)",
+                    len(rows) - len(mine), encoder,
+                )
+            rows = mine
         dim = len(rows[-1].embedding) // 2 if rows else 0
         kept = [r for r in rows if len(r.embedding) == 2 * dim]
         if len(kept) < len(rows):

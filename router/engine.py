@@ -1,19 +1,31 @@
-"""RoutingEngine.route_batch: queries -> decisions, synchronously (tokenize, encode, head, decide)."""
+"""RoutingEngine.route_batch: queries -> decisions, synchronously (tokenize, encode, head, decide).
+
+A profile with `cascade_margin`, on a model version that has a cascade stage (manifest `cascade`),
+is answered in two steps: the cheap first stage (the static encoder and its own head) decides
+every request, and the main encoder runs again only on the requests whose decision is close:
+those whose tier would change if the chosen tier's quality were `cascade_margin` lower and every
+other tier's that much higher (the worst case within the margin, whatever the profile's mode).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from router.artifacts import ArtifactError, LoadedModel
-from router.policy import Choice, RequestContext, decide
+from router import metrics
+from router.artifacts import ArtifactError, LoadedModel, Stage
+from router.policy import Choice, RequestContext, decide, settled_within
 from router.profiles import Profile
 from router.scoring import pair_calibration, tier_quality, win_rate
 from router.tokenizer import Keep
 
+log = logging.getLogger(__name__)
+
+WinParams = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
 PAD_RATIO = 1.3  # longest / shortest prompt in one encoder run
 
 
@@ -38,6 +50,7 @@ class RouteResult:
     input_tokens: int  # word pieces of the whole prompt (for costs)
     output_tokens: int
     embedding: npt.NDArray[np.float32]  # (dim,), for the decision log
+    encoder: str = ""  # name of the encoder whose embedding decided (a cascade's first stage or the main one)
 
     @property
     def frontier_cost(self) -> float:
@@ -52,10 +65,11 @@ class RoutingEngine:
         self.model = model
         self.max_batch_tokens = max_batch_tokens
         self._column = {name: i for i, name in enumerate(model.models)}
-        self._enc_in = model.manifest.encoder.input_names
-        self._enc_out = model.manifest.encoder.output_name
+        self.main = model.main_stage
+        self.first = model.first_stage
         self._rng = np.random.default_rng()  # exploration draws (profiles with exploration_rate > 0)
-        self._win_params: dict[tuple[str, ...], tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = {}
+        self._win_params: dict[tuple[int, tuple[str, ...]], WinParams] = {}
+        self._warned: set[str] = set()
 
     @property
     def version(self) -> str:
@@ -69,16 +83,19 @@ class RoutingEngine:
                 f"profile {profile.name!r} names model {e.args[0]!r}, unknown to model {self.version}"
             ) from None
 
-    def win_params(self, profile: Profile) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    def win_params(
+        self, profile: Profile, stage: Stage | None = None
+    ) -> WinParams:
         """Per-tier (scale, bias) of the win probability against the profile's cheapest tier."""
-        key = tuple(profile.models)
+        stage = stage or self.main
+        key = (0 if stage is self.main else 1, tuple(profile.models))
         if key not in self._win_params:
-            head = self.model.manifest.head
-            self._win_params[key] = pair_calibration(key, head.win_pairs, head.win_temperature)
+            head = stage.head_spec
+            self._win_params[key] = pair_calibration(key[1], head.win_pairs, head.win_temperature)
         return self._win_params[key]
 
     def embed(
-        self, texts: Sequence[str], keep: Sequence[Keep] | None = None
+        self, texts: Sequence[str], keep: Sequence[Keep] | None = None, stage: Stage | None = None
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Embeddings (B, dim), token counts after truncation (B,) and of the whole text (B,),
         in sub-batches of similar length so
@@ -87,9 +104,11 @@ class RoutingEngine:
         A sub-batch ends where the next prompt is more than PAD_RATIO times longer than its
         shortest: encoder cost grows with padded tokens, and an extra ORT run costs about as
         much as two tokens, so splitting is nearly free (see docs/benchmarks.md)."""
-        enc = self.model.tokenizer.encode(texts, keep)
+        stage = stage or self.main
+        enc_in, enc_out = stage.encoder_spec.input_names, stage.encoder_spec.output_name
+        enc = stage.tokenizer.encode(texts, keep)
         order = np.argsort(enc.lengths, kind="stable")
-        out = np.empty((len(texts), self.model.manifest.encoder.dim), np.float32)
+        out = np.empty((len(texts), stage.encoder_spec.dim), np.float32)
         start = 0
         while start < len(order):
             # Grow the chunk while (rows x longest row) fits the token budget.
@@ -104,49 +123,96 @@ class RoutingEngine:
             rows = order[start:stop]
             width = int(enc.lengths[rows].max())
             feeds = {
-                self._enc_in[0]: enc.input_ids[rows, :width],
-                self._enc_in[1]: enc.attention_mask[rows, :width],
+                enc_in[0]: enc.input_ids[rows, :width],
+                enc_in[1]: enc.attention_mask[rows, :width],
             }
-            out[rows] = self.model.encoder.run([self._enc_out], feeds)[0]
+            out[rows] = stage.encoder.run([enc_out], feeds)[0]
             start = stop
         return out, enc.lengths, enc.full_lengths
 
     def score(
-        self, embedding: npt.NDArray[np.float32], prompt_chars: npt.NDArray[np.float32]
+        self, embedding: npt.NDArray[np.float32], prompt_chars: npt.NDArray[np.float32], stage: Stage | None = None
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """Head forward: per-model ability logits (B, M) and the prompt's difficulty (B,)."""
-        ability, difficulty = self.model.head.run(
+        ability, difficulty = (stage or self.main).head.run(
             ["ability", "difficulty"], {"embedding": embedding, "prompt_chars": prompt_chars}
         )
         return ability, difficulty
 
+    def _cascades(self, profile: Profile) -> bool:
+        if profile.cascade_margin is None:
+            return False
+        if self.first is None:
+            if profile.name not in self._warned:
+                self._warned.add(profile.name)
+                log.warning(
+                    "profile %r asks for a cascade but model %s has no cascade stage: its main encoder answers",
+                    profile.name, self.version,
+                )
+            return False
+        return True
+
     def route_batch(self, queries: Sequence[RouteQuery]) -> list[RouteResult]:
         if not queries:
             return []
-        embedding, n_tokens, input_tokens = self.embed([q.text for q in queries], [q.keep for q in queries])
-        chars = np.fromiter((len(q.text) for q in queries), np.float32, len(queries))
-        ability, difficulty = self.score(embedding, chars)
         results: list[RouteResult | None] = [None] * len(queries)
+        cascades = [self._cascades(q.profile) for q in queries]
+        first = [i for i, c in enumerate(cascades) if c]
+        main = [i for i, c in enumerate(cascades) if not c]
+        if first:
+            assert self.first is not None
+            close = self._run(self.first, queries, first, results)
+            metrics.CASCADE.labels(stage="first").inc(len(first) - len(close))
+            metrics.CASCADE.labels(stage="main").inc(len(close))
+            main = sorted(main + close)
+        if main:
+            self._run(self.main, queries, main, results)
+        assert all(r is not None for r in results), "every query belongs to one profile group. This is a bug."
+        return results  # type: ignore[return-value]
+
+    def _run(
+        self, stage: Stage, queries: Sequence[RouteQuery], idx: list[int], results: list[RouteResult | None]
+    ) -> list[int]:
+        """Decide queries[idx] with `stage` into `results`. In the cascade's first stage, the
+        rows whose decision is close are left undecided and returned (the main stage takes them)."""
+        cascade = stage is not self.main
+        batch = [queries[i] for i in idx]
+        embedding, n_tokens, input_tokens = self.embed([q.text for q in batch], [q.keep for q in batch], stage)
+        chars = np.fromiter((len(q.text) for q in batch), np.float32, len(batch))
+        ability, difficulty = self.score(embedding, chars, stage)
+        close: list[int] = []
         # One vectorized decision per profile present in the batch.
         by_profile: dict[int, list[int]] = {}
-        for i, q in enumerate(queries):
+        for i, q in enumerate(batch):
             by_profile.setdefault(id(q.profile), []).append(i)
         for rows in by_profile.values():
-            profile = queries[rows[0]].profile
+            profile = batch[rows[0]].profile
             cols = self.columns(profile)
             sub_ability = ability[rows][:, cols]  # (b, T)
             quality = tier_quality(sub_ability, difficulty[rows])
-            win = win_rate(sub_ability, *self.win_params(profile))
+            texts = [batch[r].text for r in rows]
+            contexts = [batch[r].context for r in rows]
             pinned = {
                 m: tier_quality(ability[rows][:, [self._column[m]]], difficulty[rows])[:, 0]
                 for m in profile.pinned_prices if m in self._column
             }
-            decided = decide(
-                profile, quality, input_tokens[rows], [queries[r].text for r in rows],
-                [queries[r].context for r in rows], pinned, self._rng,
-            )
+            tokens = input_tokens[rows]
+            if cascade:
+                margin = float(profile.cascade_margin or 0.0)
+                settled = settled_within(margin, profile, quality, tokens, texts, contexts)
+                if not settled.all():  # the close ones go on to the main stage
+                    close.extend(idx[rows[j]] for j in np.flatnonzero(~settled))
+                    sel = np.flatnonzero(settled)
+                    rows = [rows[j] for j in sel]
+                    quality, sub_ability, tokens = quality[sel], sub_ability[sel], tokens[sel]
+                    texts, contexts = [texts[j] for j in sel], [contexts[j] for j in sel]
+                    pinned = {m: q[sel] for m, q in pinned.items()}
+                    if not rows:
+                        continue
+            decided = decide(profile, quality, tokens, texts, contexts, pinned, self._rng)
+            win = win_rate(sub_ability, *self.win_params(profile, stage))
             for j, row in enumerate(rows):
-                results[row] = RouteResult(
+                results[idx[row]] = RouteResult(
                     choice=decided.choices[j],
                     quality=tuple(quality[j].tolist()),
                     win_probability=tuple(win[j].tolist()),
@@ -156,6 +222,6 @@ class RoutingEngine:
                     input_tokens=int(input_tokens[row]),
                     output_tokens=int(decided.output_tokens[j]),
                     embedding=embedding[row],
+                    encoder=stage.encoder_spec.name,
                 )
-        assert all(r is not None for r in results), "every query belongs to one profile group. This is a bug."
-        return results  # type: ignore[return-value]
+        return close

@@ -36,6 +36,12 @@ REQUESTS = Counter(
     "router_requests", "Router RPCs answered, by method and status code.", ["method", "code"]
 )
 
+CASCADE = Counter(
+    "router_cascade_decisions",
+    "Decisions of profiles with a cascade, by the stage that made them (first: the cheap encoder "
+    "was sure enough; main: close to the threshold, the main encoder decided).", ["stage"],
+)
+
 
 def observe_rpc(method: str, code: str, seconds: float) -> None:
     """Record one answered RPC: `method` is the short name (Route), `code` a status name (OK)."""

@@ -190,6 +190,11 @@ class Profile(BaseModel):
         0.0, ge=0.0, le=0.5,
         description="share of requests sent to a random allowed tier, with the propensity logged (off-policy eval)",
     )
+    cascade_margin: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="run the model version's cheap first stage (the static encoder) first, and its main "
+        "encoder only for requests whose decision would change if every tier's quality moved by this much",
+    )
     store_prompts: bool = Field(False, description="keep raw prompts in the decision log (off by default)")
     pinned_prices: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="(input, output) prices of pin_model models, filled from the catalog"

@@ -9,6 +9,7 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -120,6 +121,9 @@ class RouterServer:
         # The first runs allocate ORT's buffers for short and long inputs, singly and batched.
         for batch in ([WARMUP_TEXTS[0]], [WARMUP_TEXTS[-1]], WARMUP_TEXTS):
             engine.route_batch([RouteQuery(t, profile) for t in batch])
+            if engine.first is not None:  # a cascade's first stage, whichever profile uses it
+                embedding, _, _ = engine.embed(batch, None, engine.first)
+                engine.score(embedding, np.array([len(t) for t in batch], np.float32), engine.first)
 
     async def _poll(self, interval: float, check: Callable[[], bool], act: Callable[[], Awaitable[object]]) -> None:
         while True:

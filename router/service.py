@@ -201,6 +201,7 @@ def to_response(
         input_tokens=result.input_tokens,
         output_tokens=result.output_tokens,
         propensity=choice.propensity,
+        encoder=result.encoder,
     )
 
 
@@ -267,7 +268,7 @@ def to_decision_record(
         prompt_hash=dlog.hash_prompt(query.text), request_id=request.request_id, profile_version=profile.version,
         workflow=request.workflow, tenant=request.tenant, propensity=result.choice.propensity,
         input_tokens=result.input_tokens, prompt_chars=len(query.text),
-        prompt=query.text if profile.store_prompts else None,
+        prompt=query.text if profile.store_prompts else None, encoder=result.encoder,
     )
 
 

@@ -37,6 +37,9 @@ class FitConfig(HeadConfig):
     datasets: list[str] = field(default_factory=lambda: ["mmlu", "alpaca_eval", "alpaca_eval_binary"])
     data_dir: str = str(D.DATA_DIR)
     encoder_dir: str = str(DEFAULT_ENCODER)
+    # a cascade's first stage: this encoder (the static one, `make model-static`) with a head of the
+    # same config fitted on its embeddings, written under cascade/ (router.engine); "" for none
+    cascade_encoder_dir: str = ""
     models_dir: str = str(REPO / "models")  # writes <models_dir>/<version>/
     version: str = ""  # empty: the date and a hash of this config and the data
     set_default: bool = True  # point <models_dir>/DEFAULT at the new version
@@ -207,7 +210,7 @@ def heldout_metrics(
     return metrics
 
 
-PATH_FIELDS = ("data_dir", "encoder_dir", "models_dir")
+PATH_FIELDS = ("data_dir", "encoder_dir", "cascade_encoder_dir", "models_dir")
 # Bump when training code changes what a config produces, so the version name changes too.
 # 2: win temperature fitted on the training prompts. 3: prompt-length features at the head's input.
 # 4: a ReLU layer in front of the head; per-pair win calibration.
@@ -218,16 +221,77 @@ def portable_config(cfg: FitConfig) -> dict[str, Any]:
     """The config as logged: paths inside the repo relative to it, so manifests don't name a machine."""
     out = asdict(cfg)
     for name in PATH_FIELDS:
+        if not out[name]:
+            continue
         p = Path(out[name]).resolve()
         out[name] = str(p.relative_to(REPO.parent)) if p.is_relative_to(REPO.parent) else str(p)
     return out
 
 
-def result_hash(cfg: FitConfig, data: D.RoutingData, encoder_meta: dict[str, Any]) -> str:
-    """Hash of what decides the trained head: config (not paths), data, encoder."""
+def result_hash(
+    cfg: FitConfig, data: D.RoutingData, encoder_meta: dict[str, Any], cascade_sha256: str = ""
+) -> str:
+    """Hash of what decides the trained head(s): config (not paths), data, encoder(s)."""
     decisive = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS + ("version", "set_default", "track")}
     blob = json.dumps(decisive, sort_keys=True) + D.data_hash(data.files) + encoder_meta["sha256"] + f"a{ALGORITHM}"
+    if cascade_sha256:  # only then: the hash of a version without a cascade stays what it was
+        blob += "cascade" + cascade_sha256
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class CascadeStage:
+    """The first stage of a cascade, fitted: its encoder's folder and record, head and inputs."""
+
+    encoder_dir: Path
+    encoder_meta: dict[str, Any]
+    head: WinRateHead
+    X: np.ndarray
+
+
+def write_stage(
+    tmp: Path, sub: str, enc_dir: Path, encoder_meta: dict[str, Any], head: WinRateHead, X: np.ndarray,
+    data: D.RoutingData, cfg: FitConfig,
+) -> dict[str, Any]:
+    """Copy an encoder into tmp/sub, export its head there (parity-checked on X's first rows),
+    and return the manifest's `encoder` and `head` records for them."""
+    (tmp / sub).mkdir(parents=True, exist_ok=True)
+    for name in ("encoder.onnx", "tokenizer.json"):
+        shutil.copy2(enc_dir / name, tmp / sub / name)
+    dim = X.shape[1] - len(LENGTH_FEATURES)  # X = [embedding, length features] (head_inputs)
+    n = min(len(X), 2048)
+    chars = np.array([len(p) for p in data.prompts[:n]], np.float32)
+    parity = export_head(head, tmp / sub / "head.onnx", X[:n, :dim], chars)
+    prefix = "" if sub == "." else sub + "/"
+    return {
+        "encoder": {
+            "name": encoder_meta["name"],
+            "file": prefix + "encoder.onnx",
+            "tokenizer": prefix + "tokenizer.json",
+            "sha256": sha256_file(tmp / sub / "encoder.onnx"),
+            "dim": int(dim),
+            "max_tokens": int(encoder_meta["max_tokens"]),
+            "source": encoder_meta.get("source"),
+            "pooling": "mean",
+            "normalized": True,
+            "parity": encoder_meta.get("parity"),
+        },
+        "head": {
+            "kind": "mf-bradley-terry",
+            "algorithm": ALGORITHM,
+            "file": prefix + "head.onnx",
+            "sha256": sha256_file(tmp / sub / "head.onnx"),
+            "input_dim": int(dim),
+            "features": list(LENGTH_FEATURES),
+            "models": data.models,
+            "rank": cfg.rank,
+            "hidden": cfg.hidden,  # ReLU layer in front of the MF head (0: linear)
+            "judge_offsets": dict(zip(data.datasets, head.offset_.tolist(), strict=True)),
+            "parity_max_abs_diff": parity,
+            "win_temperature": head.win_temperature_,
+            "win_pairs": [p.model_dump() for p in head.win_pairs_],
+        },
+    }
 
 
 def write_version(
@@ -240,55 +304,50 @@ def write_version(
     run_id: str | None,
     *,
     provenance: dict[str, Any] | None = None,
+    cascade: CascadeStage | None = None,
+    keep_cascade_from: Path | None = None,
 ) -> Path:
     """Write <models_dir>/<version>/ (head exported with a parity check on X's first rows, which
-    must be `data`'s prompts) and, with cfg.set_default, point DEFAULT at it. `provenance` adds
-    to the manifest's training record (e.g. the decision log a retrain learned from)."""
-    version = cfg.version or f"{dt.date.today():%Y%m%d}-{result_hash(cfg, data, encoder_meta)[:8]}"
+    must be `data`'s prompts; a cascade's first stage under cascade/) and, with cfg.set_default,
+    point DEFAULT at it. `provenance` adds to the manifest's training record (e.g. the decision
+    log a retrain learned from). `keep_cascade_from`: a version whose cascade stage is copied
+    unchanged (a retrain keeps the live version's first stage)."""
+    cascade_sha = cascade.encoder_meta["sha256"] if cascade else ""
+    version = cfg.version or f"{dt.date.today():%Y%m%d}-{result_hash(cfg, data, encoder_meta, cascade_sha)[:8]}"
     out = Path(cfg.models_dir) / version
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    enc_dir = Path(cfg.encoder_dir)
-    for name in ("encoder.onnx", "tokenizer.json"):
-        shutil.copy2(enc_dir / name, tmp / name)
-    dim = X.shape[1] - len(LENGTH_FEATURES)  # X = [embedding, length features] (head_inputs)
-    n = min(len(X), 2048)
-    chars = np.array([len(p) for p in data.prompts[:n]], np.float32)
-    parity = export_head(head, tmp / "head.onnx", X[:n, :dim], chars)
+    main = write_stage(tmp, ".", Path(cfg.encoder_dir), encoder_meta, head, X, data, cfg)
     licenses = {f"encoder {part} ({info['from']})": info["license"] for part, info in encoder_meta["licenses"].items()}
+    if cascade is not None:
+        c = cascade
+        first = write_stage(tmp, "cascade", c.encoder_dir, c.encoder_meta, c.head, c.X, data, cfg)
+        licenses |= {
+            f"cascade encoder {part} ({info['from']})": info["license"]
+            for part, info in cascade.encoder_meta.get("licenses", {}).items()
+        }
+    kept: dict[str, Any] | None = None
+    if keep_cascade_from is not None:
+        source = json.loads((keep_cascade_from / MANIFEST).read_text("utf-8"))
+        kept = source.get("cascade")
+        if kept is not None and kept["head"]["models"] != data.models:
+            log.warning("not keeping %s's cascade stage: its head scores other models", keep_cascade_from.name)
+            kept = None
+        if kept is not None:
+            for spec in (kept["encoder"], kept["head"]):
+                for name in (spec["file"], spec.get("tokenizer")):
+                    if name:
+                        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(keep_cascade_from / name, tmp / name)
+            licenses |= {k: v for k, v in source.get("licenses", {}).items() if k.startswith("cascade ")}
     licenses |= {f"data {f['file']}": str(f["license"]) for f in data.files}
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": version,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "encoder": {
-            "name": encoder_meta["name"],
-            "file": "encoder.onnx",
-            "tokenizer": "tokenizer.json",
-            "sha256": sha256_file(tmp / "encoder.onnx"),
-            "dim": int(dim),
-            "max_tokens": int(encoder_meta["max_tokens"]),
-            "source": encoder_meta.get("source"),
-            "pooling": "mean",
-            "normalized": True,
-            "parity": encoder_meta.get("parity"),
-        },
-        "head": {
-            "kind": "mf-bradley-terry",
-            "algorithm": ALGORITHM,
-            "file": "head.onnx",
-            "sha256": sha256_file(tmp / "head.onnx"),
-            "input_dim": int(dim),
-            "features": list(LENGTH_FEATURES),
-            "models": data.models,
-            "rank": cfg.rank,
-            "hidden": cfg.hidden,  # ReLU layer in front of the MF head (0: linear)
-            "judge_offsets": dict(zip(data.datasets, head.offset_.tolist(), strict=True)),
-            "parity_max_abs_diff": parity,
-            "win_temperature": head.win_temperature_,
-            "win_pairs": [p.model_dump() for p in head.win_pairs_],
-        },
+        **main,
+        **({"cascade": first} if cascade is not None else {"cascade": kept} if kept is not None else {}),
         "training": {
             "config": portable_config(cfg),
             "data": data.files,
@@ -365,6 +424,19 @@ def train_head(cfg: FitConfig, prep: Prepared, extra: tuple[np.ndarray, Terms] |
     return head
 
 
+def fit_cascade(cfg: FitConfig, prep: Prepared) -> tuple[CascadeStage, dict[str, Any]]:
+    """The cascade's first stage: the same head config on cfg.cascade_encoder_dir's embeddings,
+    the same folds; and its held-out figures."""
+    enc_dir = Path(cfg.cascade_encoder_dir)
+    meta = json.loads((enc_dir / "encoder.json").read_text("utf-8"))
+    embedder = Embedder(enc_dir / "encoder.onnx", enc_dir / "tokenizer.json", int(meta["max_tokens"]))
+    X = head_inputs(embedder.embed(prep.data.prompts), prep.data.prompts)
+    first = Prepared(prep.data, prep.terms, X, prep.fold, meta)
+    head = train_head(cfg, first)
+    metrics = heldout_metrics(prep.data, prep.terms, head, X, prep.fold, cfg)
+    return CascadeStage(enc_dir, meta, head, X), metrics
+
+
 def fit(cfg: FitConfig) -> dict[str, Any]:
     prep = prepare(cfg)
     data, terms, X, fold, encoder_meta = prep.data, prep.terms, prep.X, prep.fold, prep.encoder_meta
@@ -372,15 +444,18 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
 
     # 4. held-out figures beside baselines, then export with a parity check
     metrics = heldout_metrics(data, terms, head, X, fold, cfg)
+    cascade = None
+    if cfg.cascade_encoder_dir:
+        cascade, metrics["cascade_first_stage"] = fit_cascade(cfg, prep)
     if not cfg.track:
-        out = write_version(cfg, data, head, X, metrics, encoder_meta, None)
+        out = write_version(cfg, data, head, X, metrics, encoder_meta, None, cascade=cascade)
         return {"out_dir": str(out), "metrics": metrics}
 
     # 5. the same, tracked: params = this config, metrics, the version's files; registered
     from training import tracking
 
     with tracking.run("fit", portable_config(cfg), {"kind": "fit"}) as run:
-        out = write_version(cfg, data, head, X, metrics, encoder_meta, run.run_id)
+        out = write_version(cfg, data, head, X, metrics, encoder_meta, run.run_id, cascade=cascade)
         run.log_metrics(metrics | {"train_loss": head.train_loss_})
         run.log_artifact(out, "model")
         registry_version = tracking.register(run.run_id, "model", out.name, "models/" + out.name)
@@ -409,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
         dest="set_default",
         action="store_false",
         help="do not point models/DEFAULT at the new version",
+    )
+    p.add_argument(
+        "--cascade-encoder-dir",
+        default="",
+        help="also fit a cascade's first stage on this encoder's embeddings (e.g. the static one, make model-static)",
     )
     for name in ("data_dir", "encoder_dir", "models_dir", "version", "k_folds", "holdout_fold", *HEAD_FIELDS, "limit"):
         p.add_argument("--" + name.replace("_", "-"), type=arg_type(FitConfig, name), default=getattr(defaults, name))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from router.artifacts import LoadedModel, load_model, read_manifest, resolve_model_dir
+from router.artifacts import MANIFEST, LoadedModel, load_model, read_manifest, resolve_model_dir
 from router.decisionlog import DecisionLog, LabeledDecisions, decisions
 from router.policy import RequestContext, decide
 from router.profiles import Profile, ProfileError, load_profiles
@@ -374,9 +374,11 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     models_root = Path(cfg.models_dir)
     live_dir = resolve_model_dir(Path(cfg.live_dir or cfg.models_dir))
 
-    # 1. logged decisions with outcomes, oldest first
+    # 1. logged decisions with outcomes, oldest first, embedded by the live model's main encoder
+    # (not by a cascade's first stage); the live model itself is checked in step 2
+    live_encoder = read_manifest(live_dir).encoder.name if (live_dir / MANIFEST).is_file() else None
     with DecisionLog(url) as decision_log:
-        logged = decision_log.labeled()
+        logged = decision_log.labeled(encoder=live_encoder)
         exploring = [d for d, p in zip(logged.decision_id, logged.propensity.tolist(), strict=True) if p < 1.0]
         context = logged_contexts(decision_log, exploring)
     result: dict[str, Any] = {"from_log": redact(url), "logged_outcomes": len(logged), "promoted": False}
@@ -473,7 +475,8 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
 
     def publish(run_id: str | None) -> Path:
         return F.write_version(
-            write_cfg, data, head, prep.X, manifest_metrics, prep.encoder_meta, run_id, provenance=provenance
+            write_cfg, data, head, prep.X, manifest_metrics, prep.encoder_meta, run_id, provenance=provenance,
+            keep_cascade_from=live_dir,  # the live version's cascade stage, if it has one, unchanged
         )
 
     if not cfg.track:

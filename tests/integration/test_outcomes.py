@@ -66,6 +66,7 @@ async def test_every_decision_is_logged_without_the_prompt(tmp_path):
     assert (rec.tier, rec.model, rec.reason, rec.workflow, rec.tenant) == (
         resp.tier, resp.model, resp.reason, "wf", "t")
     assert rec.profile_version == resp.profile_version and rec.model_version == resp.model_version
+    assert rec.encoder == resp.encoder != ""
     assert rec.propensity == 1.0 and rec.input_tokens == resp.input_tokens
     assert [s.quality for s in rec.scores] == pytest.approx([s.quality for s in resp.scores])
     assert rec.prompt is None  # privacy by default: only the embedding, a salted hash and counts

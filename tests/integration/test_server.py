@@ -97,6 +97,7 @@ async def test_route_answers_with_tier_scores_and_confidence(stub, server):
     assert resp.confidence == pytest.approx(chosen.quality)
     assert resp.reason in ("classifier", "fallback")
     assert resp.model_version == server.engine.version
+    assert resp.encoder == server.engine.model.manifest.encoder.name  # no cascade in the default profile
     assert resp.profile == "default" and resp.request_id == "r-1"
     assert len(resp.decision_id) == 32
 

@@ -43,6 +43,7 @@ from training.retrain import (  # noqa: E402
 )
 
 ENCODER = MODELS / "encoder" / "all-MiniLM-L6-v2-int8"
+FIRST_STAGE = MODELS / "encoder" / "all-MiniLM-L6-v2-first2-int8"  # any cheaper encoder can be one
 BASE_LIMIT = 800  # base rows (MMLU only): about 80 held-out prompts for APGR
 WEAK, STRONG = "mixtral-8x7b-instruct-v0.1", D.REFERENCE_MODEL
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
@@ -107,9 +108,11 @@ def test_retrain_promotes_a_candidate_that_beats_the_live_model(tmp_path, monkey
     models = tmp_path / "models"
     live_cfg = FitConfig(
         datasets=["mmlu"], data_dir=str(flipped_mmlu(data_dir, tmp_path / "flipped")), encoder_dir=str(ENCODER),
-        models_dir=str(models), limit=BASE_LIMIT, steps=30, track=False,
+        models_dir=str(models), limit=BASE_LIMIT, steps=30, track=False, cascade_encoder_dir=str(FIRST_STAGE),
     )  # fmt: skip
-    live = Path(fit(live_cfg)["out_dir"])
+    live = Path(fit(live_cfg)["out_dir"])  # with a cascade stage, which a retrain must keep
+    live_cascade = read_manifest(live).cascade
+    assert live_cascade is not None and live_cascade.encoder.name == "all-MiniLM-L6-v2-first2"
     url = f"sqlite:///{tmp_path}/decisions.db"
     write_log(url, data_dir, live.name)
     args = [
@@ -136,7 +139,8 @@ def test_retrain_promotes_a_candidate_that_beats_the_live_model(tmp_path, monkey
     window = manifest.model_extra["training"]["decision_log"]  # type: ignore[index]
     assert window["outcomes_trained"] == 300 and window["outcomes_held_out"] == 100
     assert window["live_version"] == live.name and "decision_log" in manifest.metrics
-    load_model(new, device="cpu")  # servable
+    assert manifest.cascade == live_cascade  # the live first stage, unchanged
+    assert load_model(new, device="cpu").first_stage is not None  # servable, cascade included
     print(out)  # shown with -s: the comparison and the gate
 
     from mlflow import MlflowClient

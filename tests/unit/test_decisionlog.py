@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import os
@@ -244,6 +245,30 @@ def test_labeled_returns_decisions_with_outcomes_as_arrays(db_url: str) -> None:
         assert log.labeled(limit=2).decision_id == ["d1", "d3"]  # the newest two
         assert log.labeled(since=T0 + dt.timedelta(seconds=0.5)).decision_id == ["d1", "d3"]
         assert got.take(np.array([2, 0])).decision_id == ["d3", "d0"]
+
+
+def test_a_log_made_before_the_encoder_column_gains_it_and_labeled_filters_by_encoder(db_url: str) -> None:
+    with DecisionLog(db_url, salt="s") as log:
+        log.record(make_decision(log, "old"))
+        log.flush()
+        with log.engine.begin() as conn:  # the table as the first release made it
+            conn.execute(sa.text("ALTER TABLE decisions DROP COLUMN encoder"))
+    with DecisionLog(db_url, salt="s") as log:  # reopened: the column is back, old rows read ""
+        old = log.decision("old")
+        assert old is not None
+        assert old.decision_id == "old" and old.encoder == ""
+        main, static = (dataclasses.replace(make_decision(log, d, seconds=i + 1), encoder=e)
+                        for i, (d, e) in enumerate([("main", "minilm"), ("static", "m2v")]))
+        static = dataclasses.replace(static, embedding=encode_embedding(np.ones(4, np.float32)))
+        for rec in (main, static):
+            log.record(rec)
+        for d in ("old", "main", "static"):
+            log.report_outcome(OutcomeRecord(decision_id=d, success=True))
+        log.flush()
+        assert [r.encoder for r in log.iter_decisions()] == ["", "minilm", "m2v"]
+        assert log.labeled(encoder="minilm").decision_id == ["old", "main"]
+        assert log.labeled(encoder="m2v").decision_id == ["static"]  # "old" is 8-d: another encoder
+        assert log.labeled().decision_id == ["static"]  # no filter: the newest row's size decides
 
 
 def test_a_full_buffer_drops_and_counts_and_close_writes_the_rest(db_url: str) -> None:
