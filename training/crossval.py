@@ -47,6 +47,9 @@ class EvalConfig(HeadConfig):
     max_tokens: int | None = None  # truncate prompts here instead of at the encoder's own max_tokens
     out_dir: str = str(REPO / "build" / "eval")
     knn_k: int = 50
+    # a cascade (router.engine): this encoder's head first, the main one where the decision is close
+    cascade_encoder_dir: str = ""
+    cascade_margins: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])
     limit: int | None = None
     track: bool = True
 
@@ -164,6 +167,7 @@ def evaluate_pair(
     strong: str,
     threshold: float,
     plot_path: Path,
+    first: Predictions | None = None,
 ) -> dict[str, Any] | None:
     found = pair_outcomes(data, dataset, weak, strong)
     if found is None:
@@ -212,8 +216,37 @@ def evaluate_pair(
     # a candidate, not served: both estimate the same expected gain, so their mean is one too
     scores |= {"knn": knn, "gain_knn_mean": 0.5 * (scores["router_gain"] + knn)}
     scores |= E.baseline_scores(q_weak, q_strong, lengths, cfg.seed)
+    w, st = data.models.index(weak), data.models.index(strong)
+    q_main = sigmoid(pred.ability[rows, w] - pred.difficulty[rows]).astype(np.float64)  # as served
+    gain_main = sigmoid(pred.ability[rows, st] - pred.difficulty[rows]).astype(np.float64) - q_main
+    # router_floor above is P(weak's outcome) in the data set's own terms (for AlpacaEval: against
+    # the reference, with the judge's offset); serving's floor rule reads the tier quality instead
+    scores["served_floor"] = 1.0 - q_main
+    if first is not None:
+        q_first = sigmoid(first.ability[rows, w] - first.difficulty[rows]).astype(np.float64)
+        gain_first = sigmoid(first.ability[rows, st] - first.difficulty[rows]).astype(np.float64) - q_first
+        scores["first_stage_floor"] = 1.0 - q_first
+        scores["first_stage_gain"] = gain_first
     curves = {name: E.routed_quality(s, q_weak, q_strong) for name, s in scores.items()}
     curves["random"] = E.random_curve(q_weak, q_strong, seed=cfg.seed)
+    cascade = {}
+    if first is not None:
+        # the main stage alone, swept over the same grid: checks the sweep against served_floor / _gain
+        curves["floor_sweep"] = E.cascade_curve(1 - q_first, 1 - q_main, q_weak, q_strong, band=9.0)[0]
+        curves["gain_sweep"] = E.cascade_curve(gain_first, gain_main, q_weak, q_strong, band=9.0)[0]
+        for m in cfg.cascade_margins:
+            curves[f"cascade_floor_{m:g}"], floor_main = E.cascade_curve(1 - q_first, 1 - q_main, q_weak, q_strong, m)
+            curves[f"cascade_gain_{m:g}"], gain_share = E.cascade_curve(gain_first, gain_main, q_weak, q_strong, 2 * m)
+            sure = E.floor_settled(q_first, threshold, m)
+            to_strong = np.where(sure, q_first < threshold, q_main < threshold)
+            cascade[f"cascade_{m:g}"] = {
+                "margin": m,
+                "floor_main_share_mean": float(floor_main.mean()),  # over strong-call shares 0..100 %
+                "gain_main_share_mean": float(gain_share.mean()),
+                "main_share_at_threshold": float(1.0 - sure.mean()),
+                "quality_at_threshold": float(np.where(to_strong, q_strong, q_weak).mean()),
+                "strong_share_at_threshold": float(to_strong.mean()),
+            }
     figures = {
         name: {
             "apgr": E.apgr(c, q_weak, q_strong),
@@ -255,9 +288,10 @@ def evaluate_pair(
         "routers": figures,
         "per_group_apgr": per_group,
         "calibration": calibration,
+        "cascade": cascade,
         # serving's floor rule reads the weak tier's quality as served: sigmoid(ability - difficulty)
         "at_profile_threshold": E.quality_at_threshold(
-            sigmoid(pred.ability[rows, data.models.index(weak)] - pred.difficulty[rows]).astype(np.float64),
+            q_main,
             q_weak,
             q_strong,
             threshold,
@@ -279,6 +313,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     # 2. out-of-group predictions: every scored prompt comes from a head that never saw it
     groups, group_names = groups_for(cfg, data)
     pred, _ = out_of_group(cfg, data, X, terms, groups)
+    first, first_meta = None, None
+    if cfg.cascade_encoder_dir:  # the cascade's first stage: its own heads on the same groups
+        fenc = Path(cfg.cascade_encoder_dir)
+        first_meta = json.loads((fenc / "encoder.json").read_text("utf-8"))
+        femb = Embedder(fenc / "encoder.onnx", fenc / "tokenizer.json", int(first_meta["max_tokens"])).embed(
+            data.prompts
+        )
+        first, _ = out_of_group(cfg, data, head_inputs(femb, data.prompts), terms, groups)
 
     # 3. figures for each adjacent pair of the profile's tiers, on every data set that labels it
     profile = load_profiles(Path(cfg.profiles_path))[cfg.profile]
@@ -297,6 +339,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 strong.model,
                 profile.floor,
                 out_dir / f"curve-{dataset}-{weak.name}-{strong.name}.png",
+                first,
             )
             if res is not None:
                 pairs.append(res | {"tiers": f"{weak.name}->{strong.name}"})
@@ -307,6 +350,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "encoder_sha256": meta["sha256"],
         "encoder": {"name": meta["name"], "dim": meta["dim"], "max_tokens": max_tokens},
+        **({"cascade_encoder": {"name": first_meta["name"], "sha256": first_meta["sha256"]}} if first_meta else {}),
         "data": data.files,
     }
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", "utf-8")
@@ -331,15 +375,22 @@ def table(result: dict[str, Any]) -> str:
             f"\n{p['dataset']}  {p['tiers']}  ({p['weak']} {p['weak_mean']:.3f} -> "
             f"{p['strong']} {p['strong_mean']:.3f}, {p['prompts']} prompts)"
         )
-        lines.append(f"  {'router':<14}{'APGR':>7}{'CPT50':>8}{'CPT80':>8}")
+        lines.append(f"  {'router':<20}{'APGR':>7}{'CPT50':>8}{'CPT80':>8}")
         for name, f in p["routers"].items():
-            lines.append(f"  {name:<14}{f['apgr']:>7.3f}{f['cpt50'] * 100:>7.0f}%{f['cpt80'] * 100:>7.0f}%")
+            lines.append(f"  {name:<20}{f['apgr']:>7.3f}{f['cpt50'] * 100:>7.0f}%{f['cpt80'] * 100:>7.0f}%")
         cal = "  ".join(f"{k} ECE {v['ece']:.3f}" for k, v in p["calibration"].items())
         t = p["at_profile_threshold"]
         lines.append(f"  calibration: {cal}")
         lines.append(
             f"  at threshold {t['threshold']}: {t['strong_share'] * 100:.1f}% strong, quality {t['quality']:.4f}"
         )
+        for name, c in p.get("cascade", {}).items():
+            lines.append(
+                f"  {name}: main encoder on {c['floor_main_share_mean'] * 100:.1f}% (floor) / "
+                f"{c['gain_main_share_mean'] * 100:.1f}% (gain) of calls over the curve, "
+                f"{c['main_share_at_threshold'] * 100:.1f}% at threshold {t['threshold']} "
+                f"(quality {c['quality_at_threshold']:.4f}, {c['strong_share_at_threshold'] * 100:.1f}% strong)"
+            )
     return "\n".join(lines)
 
 
@@ -350,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--datasets", default=",".join(defaults.datasets))
     p.add_argument("--no-track", dest="track", action="store_false", help="skip MLflow")
+    p.add_argument(
+        "--cascade-margins",
+        default=",".join(f"{m:g}" for m in defaults.cascade_margins),
+        help="with --cascade-encoder-dir: the margins to score the cascade at",
+    )
     for name in (
         "protocol",
         "k_folds",
@@ -361,11 +417,13 @@ def main(argv: list[str] | None = None) -> int:
         "out_dir",
         *HEAD_FIELDS,
         "knn_k",
+        "cascade_encoder_dir",
         "limit",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=arg_type(EvalConfig, name), default=getattr(defaults, name))
     args = vars(p.parse_args(argv))
     args["datasets"] = [d for d in args["datasets"].split(",") if d]
+    args["cascade_margins"] = [float(m) for m in args["cascade_margins"].split(",") if m]
     result = evaluate(EvalConfig(**args))
     print(table(result))
     cfg = result["config"]

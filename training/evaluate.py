@@ -154,3 +154,37 @@ def plot_curves(curves: dict[str, F], q_weak: F, q_strong: F, title: str, path: 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def floor_settled(q_first: F, threshold: float, margin: float) -> npt.NDArray[np.bool_]:
+    """For a two-tier floor profile: where the first stage's weak-tier quality decides on its own,
+    as router.policy.settled_within has it (weak stays weak at q - margin, strong stays strong at
+    q + margin)."""
+    return (q_first - margin >= threshold) | (q_first + margin < threshold)
+
+
+def cascade_curve(
+    s_first: F, s_main: F, q_weak: F, q_strong: F, band: float, thresholds: F | None = None
+) -> tuple[F, F]:
+    """Routed quality at SHARES of a two-stage router, and the share of calls its main stage
+    runs on, both interpolated from a sweep of the threshold t. A call goes strong when the
+    deciding stage's score is above t; the first stage decides where its score is more than
+    `band` from t. For the served floor rule the score is 1 - the weak tier's quality and the
+    band is the profile's cascade_margin (floor_settled); for a decision on the gain of the
+    strong tier (modes budget and rework), the score is that gain and the band twice the margin,
+    since the chosen tier loses the margin and the other gains it (router.policy.settled_within)."""
+    s_first, s_main, q_weak, q_strong = (np.asarray(a, np.float64) for a in (s_first, s_main, q_weak, q_strong))
+    if thresholds is None:
+        both = np.concatenate([s_first, s_main])
+        lo, hi = float(both.min()), float(both.max())
+        thresholds = np.unique(np.concatenate([np.quantile(both, np.linspace(0, 1, 801)), [lo - 1.0, hi + 1.0]]))
+    share, quality, main = [], [], []
+    for t in thresholds:
+        sure = (s_first + band <= t) | (s_first - band > t)
+        strong = np.where(sure, s_first > t, s_main > t)
+        share.append(strong.mean())
+        quality.append(np.where(strong, q_strong, q_weak).mean())
+        main.append(1.0 - sure.mean())
+    order = np.argsort(share, kind="stable")
+    xs, qs, ms = (np.asarray(v)[order] for v in (share, quality, main))
+    return np.interp(SHARES, xs, qs), np.interp(SHARES, xs, ms)

@@ -41,3 +41,36 @@ def test_auc_and_losses():
     assert E.log_loss([0.5], [1]) == pytest.approx(np.log(2))
     assert E.expected_calibration_error([0.2] * 10, [0] * 8 + [1] * 2) == pytest.approx(0.0)
     assert E.expected_calibration_error([0.9] * 10, [0] * 10) == pytest.approx(0.9)
+
+
+def test_floor_settled_is_the_servers_rule_on_a_two_tier_floor_profile():
+    from router.policy import RequestContext, settled_within
+    from router.profiles import Profile, Tier
+
+    rng = np.random.default_rng(3)
+    q = rng.random((400, 2)).astype(np.float32)
+    tiers = (Tier(name="weak", model="w", price_input=1.0, price_output=1.0),
+             Tier(name="strong", model="s", price_input=9.0, price_output=9.0))
+    for floor, margin in ((0.5, 0.05), (0.7, 0.1), (0.3, 0.01)):
+        p = Profile(name="p", tiers=tiers, floor=floor)
+        served = settled_within(margin, p, q, np.full(len(q), 100, np.int64), ["x"] * len(q),
+                                [RequestContext()] * len(q))
+        assert (E.floor_settled(q[:, 0].astype(np.float64), floor, margin) == served).all()
+
+
+def test_cascade_curve_spans_first_stage_alone_to_main_alone(pair):
+    q_weak, q_strong = pair
+    rng = np.random.default_rng(5)
+    gain = q_strong - q_weak
+    q_main = np.clip(0.6 - 0.3 * gain + 0.2 * rng.random(len(gain)), 0, 1)  # a good router's weak quality
+    q_first = np.clip(q_main + 0.3 * rng.standard_normal(len(gain)), 0, 1)  # a noisier one
+    main_alone = E.apgr(E.routed_quality(1 - q_main, q_weak, q_strong), q_weak, q_strong)
+    first_alone = E.apgr(E.routed_quality(1 - q_first, q_weak, q_strong), q_weak, q_strong)
+    apgrs, shares = {}, {}
+    for m in (0.0, 0.05, 0.2, 9.0):
+        curve, main_share = E.cascade_curve(1 - q_first, 1 - q_main, q_weak, q_strong, m)
+        apgrs[m], shares[m] = E.apgr(curve, q_weak, q_strong), float(main_share.mean())
+    assert apgrs[9.0] == pytest.approx(main_alone, abs=0.01) and shares[9.0] == 1.0
+    assert apgrs[0.0] == pytest.approx(first_alone, abs=0.01) and shares[0.0] < 0.01
+    assert first_alone < apgrs[0.05] < apgrs[0.2] <= apgrs[9.0] + 0.005
+    assert shares[0.0] < shares[0.05] < shares[0.2] < shares[9.0]
