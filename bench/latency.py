@@ -32,6 +32,8 @@ from router.server import freeze_heap
 from router.tokenizer import RouterTokenizer
 from router.v1 import router_pb2, router_pb2_grpc
 
+PROFILES = REPO / "config" / "profiles.toml"
+
 T = TypeVar("T")
 SWEEP_BUCKET = "17-64"  # the prompts of the sweep, RouteBatch and the targets
 ROUNDS = 5  # alternating blocks per contender and bucket
@@ -79,11 +81,10 @@ class EncoderFloor:
 class InProcessEngine:
     """RoutingEngine.route_batch at batch 1, in-process: the floor plus the head and decision."""
 
-    def __init__(self, model_dir: Path, threads: int) -> None:
+    def __init__(self, model_dir: Path, threads: int, profiles: Path = PROFILES, profile: str = "default") -> None:
         model = load_model(model_dir, device="cpu", intra_op_threads=threads)
         self.engine = RoutingEngine(model)
-        profiles = REPO / "config" / "profiles.toml"
-        self.profile = ProfileSet.load(profiles, "default", model.models).get("")
+        self.profile = ProfileSet.load(profiles, profile, model.models).get("")
 
     def __call__(self, text: str) -> list[RouteResult]:
         return self.engine.route_batch([RouteQuery(text, self.profile)])
@@ -337,15 +338,17 @@ def run(args: argparse.Namespace, counts: dict[str, int]) -> dict[str, Any]:
                              per_bucket=counts["prompts_per_bucket"])
     report: dict[str, Any] = {
         "machine": describe(args.threads), "model_version": manifest.version,
+        "profile": {"file": str(args.profiles), "name": args.profile},
         "counts": counts, "levels": args.levels, "sweep_bucket": SWEEP_BUCKET,
         "load_average": {"start": load_average()},
     }
     local = InProcess(EncoderFloor(model_dir, manifest, args.threads),
-                      InProcessEngine(model_dir, args.threads),
+                      InProcessEngine(model_dir, args.threads, args.profiles, args.profile),
                       None if args.no_naive else NaivePath(model_dir, manifest, args.threads))
     report["machine"]["naive_torch_threads"] = local.naive and local.naive.torch_threads
     sweep_prompts = next(b for b in buckets if b.name == SWEEP_BUCKET).prompts
-    server = ServerProcess(model_dir, threads=args.threads, decision_log=args.decision_log)
+    server = ServerProcess(model_dir, threads=args.threads, decision_log=args.decision_log,
+                           args=["--profiles-path", str(args.profiles), "--default-profile", args.profile])
     report["server_command"] = server.command
     report["decision_log"] = args.decision_log or "on (temporary SQLite file)"
     quiet = QuietRetry(os.getpid(), server.pid, max_cores=args.max_noise,
@@ -374,6 +377,9 @@ def run(args: argparse.Namespace, counts: dict[str, int]) -> dict[str, Any]:
             report["sweep"].append(
                 measure_level(server, sweep_prompts, level, counts["sweep_calls"], quiet))
         report["server_rss_mib"]["end"] = round(server.rss_mib(), 1)
+        report["cascade_decisions"] = {  # zero unless the profile has cascade_margin and the version a cascade
+            stage: int(server.metric("router_cascade_decisions_total", stage=stage)) for stage in ("first", "main")
+        }
         if args.soak:
             print(f"soak: {args.soak} decisions ...", file=sys.stderr)
             report["soak"] = soak(server, sweep_prompts, args.soak, args.batch_size)
@@ -400,6 +406,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=DATA_DIR,
                    help="folder of mmlu.jsonl.gz, alpaca_eval.jsonl.gz (default: %(default)s)")
     p.add_argument("--out", type=Path, default=REPO / "bench-results" / "latency.json")
+    p.add_argument("--profiles", type=Path, default=PROFILES, help="profiles file (default: %(default)s)")
+    p.add_argument("--profile", default="default",
+                   help="the profile every call is routed with, server and in-process alike (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="ORT intra-op threads, server and floor alike; 0 = the server's default")
     p.add_argument("--levels", type=_int_list, default=[1, 8, 32, 128],

@@ -87,7 +87,8 @@ def render(report: dict[str, Any]) -> str:
     m, rss, rb = report["machine"], report["server_rss_mib"], report["route_batch"]
     tr = report["transport"]
     lines = [
-        f"tier-router latency benchmark: model {report['model_version']}, {m['cpu_model']}, "
+        f"tier-router latency benchmark: model {report['model_version']}, "
+        f"profile {report.get('profile', {}).get('name', 'default')}, {m['cpu_model']}, "
         f"{m['usable_cpus']} CPUs, intra-op threads {m['intra_op_threads']}, "
         f"load average {report['load_average']['start']} -> {report['load_average']['end']}",
         "",
@@ -111,6 +112,9 @@ def render(report: dict[str, Any]) -> str:
         f"p99 {rb['latency']['p99_ms']:.1f} ms",
         f"Server resident memory: {rss['after_warmup']:.0f} MiB after warm-up, "
         f"{rss['end']:.0f} MiB at the end",
+        *([f"Cascade: the first stage decided {c['first']}, the main encoder {c['main']} "
+           f"({c['main'] / (c['first'] + c['main']) * 100:.1f}%)"]
+          if (c := report.get("cascade_decisions")) and c["first"] + c["main"] else []),
         *([f"Soak: {s['decisions']} decisions in {s['wall_s']:.0f} s, RSS MiB by decisions: "
            + ", ".join(f"{n}: {m:.0f}" for n, m in s["rss_mib"])
            + f"; growth over the second half {s['growth_second_half_mib']:+.1f} MiB"]
