@@ -9,6 +9,7 @@ other tier's that much higher (the worst case within the margin, whatever the pr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from router import metrics
 from router.artifacts import ArtifactError, LoadedModel, Stage
 from router.policy import Choice, RequestContext, decide, settled_within
 from router.profiles import Profile
@@ -51,6 +51,7 @@ class RouteResult:
     output_tokens: int
     embedding: npt.NDArray[np.float32]  # (dim,), for the decision log
     encoder: str = ""  # name of the encoder whose embedding decided (a cascade's first stage or the main one)
+    cascade: str = ""  # profiles with a cascade: "first" (the first stage was sure) or "main" (a close call)
 
     @property
     def frontier_cost(self) -> float:
@@ -159,14 +160,15 @@ class RoutingEngine:
         cascades = [self._cascades(q.profile) for q in queries]
         first = [i for i, c in enumerate(cascades) if c]
         main = [i for i, c in enumerate(cascades) if not c]
+        close: list[int] = []
         if first:
             assert self.first is not None
             close = self._run(self.first, queries, first, results)
-            metrics.CASCADE.labels(stage="first").inc(len(first) - len(close))
-            metrics.CASCADE.labels(stage="main").inc(len(close))
             main = sorted(main + close)
         if main:
             self._run(self.main, queries, main, results)
+        for i in close:
+            results[i] = dataclasses.replace(results[i], cascade="main")  # type: ignore[type-var]
         assert all(r is not None for r in results), "every query belongs to one profile group. This is a bug."
         return results  # type: ignore[return-value]
 
@@ -223,5 +225,6 @@ class RoutingEngine:
                     output_tokens=int(decided.output_tokens[j]),
                     embedding=embedding[row],
                     encoder=stage.encoder_spec.name,
+                    cascade="first" if cascade else "",
                 )
         return close

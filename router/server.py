@@ -13,6 +13,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from router import metrics
 from router.artifacts import ArtifactError, load_model, resolve_model_dir
 from router.batcher import MicroBatcher
 from router.config import Settings
@@ -85,6 +86,9 @@ class RouterServer:
         """The batcher's one worker: each batch is answered by exactly one model version, the
         one served when the batch starts (a hot swap takes effect from the next batch)."""
         results = self.engine.route_batch(queries)
+        for r in results:
+            if r.cascade:  # live traffic only: not the warm-up, not the shadow model
+                metrics.CASCADE.labels(stage=r.cascade).inc()
         if self.shadow is not None:
             self.shadow.submit(queries, results)
         return results

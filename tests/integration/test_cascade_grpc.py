@@ -6,12 +6,18 @@ import shutil
 
 import grpc
 
+from router import metrics
 from router.decisionlog import DecisionLog
 from router.server import build_server
 from router.v1 import router_pb2, router_pb2_grpc
 from tests.conftest import PROFILES
 from tests.integration.test_server import settings
 from tests.unit.test_cascade import PROMPTS, assemble
+
+
+def counted(stage: str) -> float:
+    return metrics.CASCADE.labels(stage=stage)._value.get()  # type: ignore[attr-defined]
+
 
 CASCADE_PROFILE = """
 
@@ -35,6 +41,7 @@ async def test_a_cascade_profile_is_answered_by_both_stages_and_logged_with_its_
     shutil.copy(PROFILES.parent / "prices.toml", profiles.parent / "prices.toml")
     profiles.write_text(PROFILES.read_text("utf-8") + CASCADE_PROFILE, "utf-8")
     log_url = f"sqlite:///{tmp_path / 'decisions.db'}"
+    before = {stage: counted(stage) for stage in ("first", "main")}  # counts live traffic only, not warm-up
     async with build_server(settings(model_dir=version, profiles_path=profiles, decision_log_url=log_url)) as srv:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             stub = router_pb2_grpc.RouterStub(channel)
@@ -47,6 +54,9 @@ async def test_a_cascade_profile_is_answered_by_both_stages_and_logged_with_its_
     assert by_stage == {"all-MiniLM-L6-v2", "all-MiniLM-L6-v2-first2"}
     assert {r.encoder for r in plain.responses} == {"all-MiniLM-L6-v2-first2"}
     assert single.encoder in by_stage and all(r.profile == "cascade" for r in cascaded.responses)
+    first = sum(r.encoder == "all-MiniLM-L6-v2" for r in [*cascaded.responses, single])
+    assert counted("first") - before["first"] == first
+    assert counted("main") - before["main"] == len(cascaded.responses) + 1 - first
     with DecisionLog(log_url, salt="test-salt") as dlog:
         for resp in [*cascaded.responses, *plain.responses]:
             rec = dlog.decision(resp.decision_id)
