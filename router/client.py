@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     saving = resp.frontier_cost - resp.expected_cost
     print(f"cost ${resp.expected_cost:.5f} vs ${resp.frontier_cost:.5f} on the frontier tier (saves ${saving:.5f}; "
           f"{resp.input_tokens} tokens in, {resp.output_tokens} out)")
-    print(f"model {resp.model_version}  profile {resp.profile}@{resp.profile_version}  decision {resp.decision_id}")
+    print(f"model {resp.model_version} ({resp.encoder})  profile {resp.profile}@{resp.profile_version}  "
+          f"decision {resp.decision_id}")
     return 0
 
 
