@@ -40,7 +40,7 @@ import os
 import shutil
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +50,9 @@ import numpy.typing as npt
 from pydantic import ValidationError
 
 from router import scoring as S
-from router.artifacts import ArtifactError, LoadedModel, load_model
+from router.artifacts import ArtifactError, LoadedModel, Stage, load_model
 from router.engine import RoutingEngine
-from router.policy import RequestContext, decide
+from router.policy import RequestContext, decide, settled_within
 from router.profiles import Profile, ProfileError, catalog_path, load_prices, load_profiles, priced
 from router.tokenizer import Keep
 from training import data as D
@@ -98,15 +98,28 @@ class Prompts:
         )
 
 
-def read_log(url: str, profile: str | None = None, days: float | None = None, limit: int | None = None) -> Prompts:
+def read_log(
+    url: str, profile: str | None = None, days: float | None = None, limit: int | None = None,
+    encoder: str | None = None,
+) -> Prompts:
     """The traffic a server logged (router.decisionlog): every decision, or those of one profile,
     of the last `days`, the newest `limit`. Prompts are not in the log unless the profile stored
-    them, so rules on prompt text see an empty prompt here."""
+    them, so rules on prompt text see an empty prompt here. With `encoder`, only decisions whose
+    embedding that encoder made (not a cascade's first stage) are kept, with a warning."""
     from router.decisionlog import DecisionLog, decode_embedding
 
     since = dt.datetime.now(dt.UTC) - dt.timedelta(days=days) if days is not None else None
     with DecisionLog(url) as dlog:
         rows = [r for r in dlog.iter_decisions(since) if profile is None or r.profile == profile]
+    if encoder is not None:
+        mine = [r for r in rows if r.encoder in ("", encoder)]
+        if len(mine) < len(rows):
+            log.warning(
+                "%d of %d logged decisions were made by a cascade's first stage: their embeddings are another "
+                "encoder's and are left out, so the rest over-represents close calls; calibrate a cascade on a "
+                "--prompts file instead", len(rows) - len(mine), len(rows),
+            )
+        rows = mine
     rows = rows[-limit:] if limit is not None else rows
     if not rows:
         raise ValueError(f"{url}: no logged decisions" + (f" of profile {profile!r}" if profile else ""))
@@ -214,7 +227,7 @@ def _write_cache(path: Path, cache: dict[bytes, npt.NDArray[np.float32]]) -> Non
 
 
 def embed(
-    engine: RoutingEngine, prompts: Prompts, cache_dir: Path | None = CACHE_DIR
+    engine: RoutingEngine, prompts: Prompts, cache_dir: Path | None = CACHE_DIR, stage: Stage | None = None
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Embeddings (N, dim) and whole-prompt token counts (N,), through RoutingEngine.embed.
 
@@ -222,9 +235,9 @@ def embed(
     (same encoder sha256 and max_tokens; `training fit` fills it for the shared data) are taken
     from there, and the ones embedded here are added to it. Chat transcripts keep their tail, so
     they are never cached."""
-    model = engine.model
-    enc = model.manifest.encoder
-    full = model.tokenizer.encode(prompts.texts, prompts.keep).full_lengths
+    stage = stage or engine.main
+    enc = stage.encoder_spec
+    full = stage.tokenizer.encode(prompts.texts, prompts.keep).full_lengths
     out = np.empty((len(prompts), enc.dim), np.float32)
     cache_path = cache_dir / f"{enc.sha256[:16]}-{enc.max_tokens}.npz" if cache_dir is not None else None
     cache = _read_cache(cache_path) if cache_path is not None else {}
@@ -240,7 +253,7 @@ def embed(
              len(todo))
     for start in range(0, len(todo), 512):  # chunks, so a long file shows progress in the log
         rows = todo[start : start + 512]
-        out[rows] = engine.embed([prompts.texts[i] for i in rows], [prompts.keep[i] for i in rows])[0]
+        out[rows] = engine.embed([prompts.texts[i] for i in rows], [prompts.keep[i] for i in rows], stage)[0]
         if start:
             log.info("embedded %d of %d prompts", start + len(rows), len(todo))
     new = {keys[i]: out[i] for i in todo if keys[i]}
@@ -250,14 +263,17 @@ def embed(
 
 
 def score(
-    engine: RoutingEngine, profile: Profile, prompts: Prompts, cache_dir: Path | None = CACHE_DIR
+    engine: RoutingEngine, profile: Profile, prompts: Prompts, cache_dir: Path | None = CACHE_DIR,
+    stage: Stage | None = None,
 ) -> Scored:
-    if prompts.embedding is not None and prompts.chars is not None and prompts.input_tokens is not None:
+    """Per-tier quality and cost through the main stage, or through `stage` (a cascade's first)."""
+    if (stage is None and prompts.embedding is not None and prompts.chars is not None
+            and prompts.input_tokens is not None):  # logged traffic, already embedded by the main encoder
         embedding, input_tokens, chars = prompts.embedding, prompts.input_tokens, prompts.chars
     else:
-        embedding, input_tokens = embed(engine, prompts, cache_dir)
+        embedding, input_tokens = embed(engine, prompts, cache_dir, stage)
         chars = np.fromiter((len(t) for t in prompts.texts), np.float32, len(prompts))
-    ability, difficulty = engine.score(embedding, chars)
+    ability, difficulty = engine.score(embedding, chars, stage)
     quality = S.tier_quality(ability[:, engine.columns(profile)], difficulty)  # (N, T)
     price_in, price_out = profile.prices
     out_tokens = np.full(len(prompts), profile.expected_output_tokens, np.int64)
@@ -411,6 +427,9 @@ def table(profile: Profile, result: dict[str, Any]) -> str:
         lines.append(f"  {'always ' + name:<22}{shares}{b['quality']:>10.4f}{b['cost_per_1k']:>10.3f}")
     if result["parameters"]:
         lines.append("  parameters: " + ", ".join(f"{k} = {v}" for k, v in result["parameters"].items()))
+    if c := result.get("cascade"):
+        lines.append(f"  cascade (margin {c['margin']}): decided as served, the main encoder on "
+                     f"{c['main_share']:.1%} of prompts, the first stage on the rest")
     lines.append("  quality: the head's predicted P(acceptable answer) of the chosen tier; USD/1k: expected cost "
                  f"with {profile.expected_output_tokens} output tokens")
     return "\n".join(lines)
@@ -547,6 +566,91 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def _bisect(fn: Callable[[float], float], lo: float, hi: float, target: float, *, increasing: bool,
+            steps: int = 40) -> float:
+    """The x in [lo, hi] where fn (monotone, up to sampling) crosses `target`: the smallest x with
+    fn(x) >= target when increasing, the smallest x with fn(x) <= target when decreasing."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2.0
+        reached = fn(mid) >= target if increasing else fn(mid) <= target
+        lo, hi = (lo, mid) if reached else (mid, hi)
+    return hi
+
+
+def _halfway(a: Any, b: Any) -> Any:
+    """The midpoint of two calibrated values (a float or a list of floats), to six significant
+    digits like calibrate()'s."""
+    if isinstance(a, list):
+        return [_halfway(x, y) for x, y in zip(a, b, strict=True)]
+    return _round((a + b) / 2.0)
+
+
+@dataclass(frozen=True)
+class Cascaded:
+    """A profile with cascade_margin on a version with a first stage: which stage's scores decide
+    each prompt depends on the profile's own floors or budget, so calibration iterates."""
+
+    main: Scored
+    first: Scored
+    prompts: Prompts
+    rounds: int = 30
+
+    def settled(self, profile: Profile) -> npt.NDArray[np.bool_]:
+        return settled_within(float(profile.cascade_margin or 0.0), profile, self.first.quality,
+                              self.first.input_tokens, self.prompts.texts, self.prompts.contexts)
+
+    def as_served(self, profile: Profile) -> Scored:
+        """Per prompt, the scores of the stage that decides it under `profile`."""
+        sure = self.settled(profile)
+        return Scored(
+            np.where(sure[:, None], self.first.quality, self.main.quality).astype(np.float32),
+            np.where(sure[:, None], self.first.cost, self.main.cost),
+            np.where(sure, self.first.input_tokens, self.main.input_tokens),
+            self.main.model_version,
+        )
+
+    def calibrate(self, profile: Profile) -> dict[str, Any]:
+        """The parameters that meet the target on the scores as served, where which stage serves
+        a prompt depends on those same parameters. A single floor (a share for the last tier
+        only) and a budget's lambda are found by bisection on what the profile then does; the
+        per-tier floors of a full share target by a damped fixed point (calibrate on the scores
+        as served under the current floors, move halfway, repeat)."""
+        params = calibrate(profile, self.main)
+        names = profile.tier_names
+        if profile.mode == "share" and profile.share_targets() is None:
+            assert profile.shares is not None, "validated. This is a bug."
+            top = profile.shares[names[-1]]
+
+            def top_share(f: float) -> float:
+                return self.outcome(profile, {"floors": [f] * (len(names) - 1) + [0.0]}).shares[-1]
+
+            f = _bisect(top_share, 0.0, 1.0, top, increasing=True)
+            return {"floors": [_round(f)] * (len(names) - 1) + [0.0]}
+        if profile.mode == "budget":
+            assert profile.budget_per_1k is not None, "validated. This is a bug."
+            budget = profile.budget_per_1k
+
+            def spend(lam: float) -> float:
+                return self.outcome(profile, {"budget_lambda": lam}).cost_per_1k
+
+            lam = _bisect(spend, 0.0, 4.0 * params["budget_lambda"] + 1.0, budget, increasing=False)
+            return {"budget_lambda": _round(lam, up=True)}
+        for _ in range(self.rounds):
+            new = calibrate(profile, self.as_served(with_fields(profile, params)))
+            mid = {k: _halfway(params[k], new[k]) for k in params}
+            if mid == params:
+                break
+            params = mid
+        return params
+
+    def outcome(self, profile: Profile, params: dict[str, Any]) -> Outcome:
+        p = with_fields(profile, params)
+        return outcome(p, self.as_served(p), self.prompts)
+
+    def record(self, profile: Profile) -> dict[str, Any]:
+        return {"margin": profile.cascade_margin, "main_share": float(1.0 - self.settled(profile).mean())}
+
+
 def run(
     profile: Profile, prompts: Prompts, model: LoadedModel, out_dir: Path | None, cache_dir: Path | None = CACHE_DIR,
     check: bool = False,
@@ -557,8 +661,22 @@ def run(
         raise S.UnreachableTarget("no prompts to calibrate on")
     engine = RoutingEngine(model)
     scored = score(engine, profile, prompts, cache_dir)
-    params = {} if check else calibrate(profile, scored)
+    cascade: Cascaded | None = None
+    if profile.cascade_margin is not None and engine.first is not None:
+        if prompts.embedding is not None and not any(prompts.texts):
+            log.warning("profile %s has a cascade, but logged decisions without prompts cannot be scored by its "
+                        "first stage: calibrating the main encoder alone", profile.name)
+        else:
+            cascade = Cascaded(scored, score(engine, profile, prompts, cache_dir, engine.first), prompts)
+    if check:
+        params: dict[str, Any] = {}
+    elif cascade is None:
+        params = calibrate(profile, scored)
+    else:
+        params = cascade.calibrate(profile)
     calibrated = with_fields(profile, params)
+    if cascade is not None:
+        scored = cascade.as_served(calibrated)
     got = outcome(calibrated, scored, prompts)
     result: dict[str, Any] = {
         "profile": profile.name,
@@ -570,6 +688,7 @@ def run(
         "model_version": scored.model_version,
         "date": dt.date.today().isoformat(),
         "result": {"shares": got.shares, "quality": got.quality, "cost_per_1k": got.cost_per_1k},
+        **({"cascade": cascade.record(calibrated)} if cascade is not None else {}),
         "always": {
             t.name: dict(zip(("quality", "cost_per_1k"), always(scored, k), strict=True))
             for k, t in enumerate(profile.tiers)
@@ -643,10 +762,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides = overrides_from(args)
         profile = load_target(args.profiles, args.profile, overrides, placeholders=not args.check)
         if args.from_log:
-            prompts = read_log(args.from_log, args.log_profile, args.log_days, args.limit)
+            model = load_model(args.model_dir, device="cpu")
+            prompts = read_log(args.from_log, args.log_profile, args.log_days, args.limit, model.manifest.encoder.name)
         else:
             prompts = read_prompts(args.prompts, args.exclude_fold, args.k_folds, args.limit, args.fold)
-        model = load_model(args.model_dir, device="cpu")
+            model = load_model(args.model_dir, device="cpu")
         calibrated, result = run(
             profile, prompts, model, args.out or OUT / args.profile, CACHE_DIR if args.cache else None, args.check
         )

@@ -159,15 +159,48 @@ def test_calibrate_from_the_decision_log(tmp_path: Path, capsys: pytest.CaptureF
                 decision_id=f"d{i}", created_at=now, profile="default", tier=res.choice.tier, model=res.choice.model,
                 tier_index=res.choice.tier_index, scores=(), reason=res.choice.reason, model_version=res.model_version,
                 embedding=encode_embedding(res.embedding), prompt_hash=dlog.hash_prompt(r["prompt"]),
-                input_tokens=res.input_tokens, prompt_chars=len(r["prompt"]),
+                input_tokens=res.input_tokens, prompt_chars=len(r["prompt"]), encoder=res.encoder,
+            ))
+        for i in range(30):  # decided by a cascade's first stage: another encoder, another size
+            dlog.record(DecisionRecord(
+                decision_id=f"s{i}", created_at=now, profile="default", tier="budget", model="m", tier_index=0,
+                scores=(), reason="classifier", model_version=results[0].model_version,
+                embedding=encode_embedding(np.ones(256, np.float32)), prompt_hash=dlog.hash_prompt(str(i)),
+                input_tokens=5, prompt_chars=20, encoder="all-MiniLM-L6-v2-m2v-pca256",
             ))
     profiles = _profiles_copy(tmp_path)
     code = C.main(["--profile", "default", "--from-log", url, "--log-profile", "default", "--share", "frontier=0.2",
                    "--profiles", str(profiles), "--out", str(tmp_path / "out"), "--write"])
     assert code == 0
-    assert "on 200 prompts" in capsys.readouterr().out
+    assert "on 200 prompts" in capsys.readouterr().out  # the first stage's 30 left out, not a crash
     written = load_profiles(profiles)["default"]
     assert written.calibrated is not None
     assert written.calibrated["prompts"] == "decision log (200 decisions of profile default)"
     assert written.mode == "share" and written.floors is not None and len(written.floors) == 3
     assert written.calibrated["shares"][2] == pytest.approx(0.2, abs=0.006)
+
+
+def test_a_cascade_profile_is_calibrated_as_it_is_served(tmp_path: Path) -> None:
+    """With cascade_margin on a two-stage version, each prompt is decided by the stage that is
+    sure of it, and which one that is depends on the floors being calibrated: calibrate meets the
+    target on the scores as served, and the engine's own decisions land there too."""
+    from router.engine import RouteQuery
+    from tests.unit.test_cascade import assemble
+
+    data_dir = require_data()
+    prompts = C.read_prompts([data_dir / "mmlu.jsonl.gz", data_dir / "alpaca_eval.jsonl.gz"], limit=None)
+    prompts = prompts.subset(np.array([D.prompt_fold(t, 20) == 7 for t in prompts.texts]))  # ~740 prompts
+    model = load_model(assemble(tmp_path), device="cpu", intra_op_threads=0)
+    base = C.load_target(PROFILES, "capped-frontier", {})
+    profile = C.with_fields(base, {"cascade_margin": 0.02})
+    calibrated, result = C.run(profile, prompts, model, None, None)
+    n = len(prompts)
+    assert abs(result["result"]["shares"][2] - 0.2) <= 2 / n, result["result"]
+    assert 0.0 < result["cascade"]["main_share"] < 1.0 and result["cascade"]["margin"] == 0.02
+    engine = RoutingEngine(model)
+    # the main stage alone would put the floor elsewhere: the cascade is what was calibrated
+    assert calibrated.floors != tuple(C.calibrate(base, C.score(engine, base, prompts))["floors"])
+    served = engine.route_batch([RouteQuery(t, calibrated, k, c)
+                                 for t, k, c in zip(prompts.texts, prompts.keep, prompts.contexts, strict=True)])
+    assert {r.cascade for r in served} == {"first", "main"}
+    assert abs(np.mean([r.choice.tier == "frontier" for r in served]) - 0.2) <= 0.02
