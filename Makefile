@@ -12,7 +12,7 @@ FULL_ENCODER_DIR := models/encoder/all-MiniLM-L6-v2-int8
 STATIC_ENCODER_DIR := models/encoder/all-MiniLM-L6-v2-m2v-pca256
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install install-dev proto serve test bench lint model model-full model-static train train-cascade eval demo-loop client clean
+.PHONY: help install install-dev proto serve test bench lint model model-full model-static train train-cascade add-cascade eval demo-loop client clean
 
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -70,6 +70,10 @@ train: $(VENV)/.dev proto  ## fit the head on ../shared/data and write models/<v
 train-cascade: $(VENV)/.dev proto  ## a version with a cascade stage (the static encoder first; docs/profiles.md, "Cascade"); DEFAULT unchanged
 	@test -f $(STATIC_ENCODER_DIR)/encoder.onnx || $(MAKE) model-static
 	$(PY) -m training fit --cascade-encoder-dir $(STATIC_ENCODER_DIR) --no-set-default $(if $(DATASETS),--datasets $(DATASETS))
+
+add-cascade: $(VENV)/.dev proto  ## the DEFAULT version plus a static-encoder cascade stage, its own encoder and head unchanged
+	@test -f $(STATIC_ENCODER_DIR)/encoder.onnx || $(MAKE) model-static
+	$(PY) -m training add-cascade --cascade-encoder-dir $(STATIC_ENCODER_DIR)
 
 demo-loop: $(VENV)/.dev proto  ## held-out prompts through the server, outcomes reported, retrain, figures before/after (DEMO_ARGS="--n 300")
 	$(PY) -m training demo-loop $(DEMO_ARGS)

@@ -1,4 +1,5 @@
-"""`python -m training <command>`: fit | evaluate | retrain | demo-loop | export-encoder | calibrate | cost-table."""
+"""`python -m training <command>`: fit | add-cascade | evaluate | retrain | demo-loop | export-encoder | calibrate |
+cost-table."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 
 COMMANDS = {
     "fit": "training.fit",
+    "add-cascade": "training.cascade",
     "evaluate": "training.crossval",
     "retrain": "training.retrain",
     "demo-loop": "training.demo_loop",

@@ -424,16 +424,17 @@ def train_head(cfg: FitConfig, prep: Prepared, extra: tuple[np.ndarray, Terms] |
     return head
 
 
-def fit_cascade(cfg: FitConfig, prep: Prepared) -> tuple[CascadeStage, dict[str, Any]]:
+def fit_cascade(
+    cfg: FitConfig, data: D.RoutingData, terms: Terms, fold: np.ndarray
+) -> tuple[CascadeStage, dict[str, Any]]:
     """The cascade's first stage: the same head config on cfg.cascade_encoder_dir's embeddings,
     the same folds; and its held-out figures."""
     enc_dir = Path(cfg.cascade_encoder_dir)
     meta = json.loads((enc_dir / "encoder.json").read_text("utf-8"))
     embedder = Embedder(enc_dir / "encoder.onnx", enc_dir / "tokenizer.json", int(meta["max_tokens"]))
-    X = head_inputs(embedder.embed(prep.data.prompts), prep.data.prompts)
-    first = Prepared(prep.data, prep.terms, X, prep.fold, meta)
-    head = train_head(cfg, first)
-    metrics = heldout_metrics(prep.data, prep.terms, head, X, prep.fold, cfg)
+    X = head_inputs(embedder.embed(data.prompts), data.prompts)
+    head = train_head(cfg, Prepared(data, terms, X, fold, meta))
+    metrics = heldout_metrics(data, terms, head, X, fold, cfg)
     return CascadeStage(enc_dir, meta, head, X), metrics
 
 
@@ -446,7 +447,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     metrics = heldout_metrics(data, terms, head, X, fold, cfg)
     cascade = None
     if cfg.cascade_encoder_dir:
-        cascade, metrics["cascade_first_stage"] = fit_cascade(cfg, prep)
+        cascade, metrics["cascade_first_stage"] = fit_cascade(cfg, data, terms, fold)
     if not cfg.track:
         out = write_version(cfg, data, head, X, metrics, encoder_meta, None, cascade=cascade)
         return {"out_dir": str(out), "metrics": metrics}
