@@ -599,9 +599,10 @@ class Cascaded:
         return settled_within(float(profile.cascade_margin or 0.0), profile, self.first.quality,
                               self.first.input_tokens, self.prompts.texts, self.prompts.contexts)
 
-    def as_served(self, profile: Profile) -> Scored:
-        """Per prompt, the scores of the stage that decides it under `profile`."""
-        sure = self.settled(profile)
+    def as_served(self, profile: Profile, sure: npt.NDArray[np.bool_] | None = None) -> Scored:
+        """Per prompt, the scores of the stage that decides it under `profile` (`sure`: its
+        settled(profile), when the caller has it already)."""
+        sure = self.settled(profile) if sure is None else sure
         return Scored(
             np.where(sure[:, None], self.first.quality, self.main.quality).astype(np.float32),
             np.where(sure[:, None], self.first.cost, self.main.cost),
@@ -647,8 +648,6 @@ class Cascaded:
         p = with_fields(profile, params)
         return outcome(p, self.as_served(p), self.prompts)
 
-    def record(self, profile: Profile) -> dict[str, Any]:
-        return {"margin": profile.cascade_margin, "main_share": float(1.0 - self.settled(profile).mean())}
 
 
 def run(
@@ -675,8 +674,11 @@ def run(
     else:
         params = cascade.calibrate(profile)
     calibrated = with_fields(profile, params)
+    cascade_record: dict[str, Any] = {}
     if cascade is not None:
-        scored = cascade.as_served(calibrated)
+        sure = cascade.settled(calibrated)
+        scored = cascade.as_served(calibrated, sure)
+        cascade_record = {"cascade": {"margin": calibrated.cascade_margin, "main_share": float(1.0 - sure.mean())}}
     got = outcome(calibrated, scored, prompts)
     result: dict[str, Any] = {
         "profile": profile.name,
@@ -688,7 +690,7 @@ def run(
         "model_version": scored.model_version,
         "date": dt.date.today().isoformat(),
         "result": {"shares": got.shares, "quality": got.quality, "cost_per_1k": got.cost_per_1k},
-        **({"cascade": cascade.record(calibrated)} if cascade is not None else {}),
+        **cascade_record,
         "always": {
             t.name: dict(zip(("quality", "cost_per_1k"), always(scored, k), strict=True))
             for k, t in enumerate(profile.tiers)

@@ -26,6 +26,7 @@ from training.fit import (
     REPO,
     FitConfig,
     build_terms,
+    encoder_licenses,
     fit_cascade,
     portable_config,
     write_stage,
@@ -86,10 +87,7 @@ def add_cascade(
         new["version"] = name
         new["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         new["cascade"] = first
-        new["licenses"] = manifest.get("licenses", {}) | {
-            f"cascade encoder {part} ({info['from']})": info["license"]
-            for part, info in stage.encoder_meta.get("licenses", {}).items()
-        }
+        new["licenses"] = manifest.get("licenses", {}) | encoder_licenses(stage.encoder_meta, "cascade encoder")
         new["metrics"] = manifest.get("metrics", {}) | {"cascade_first_stage": metrics}
         new["training"] = manifest["training"] | {
             "cascade": {"added_to": manifest["version"], "config": portable_config(cfg)}

@@ -249,6 +249,11 @@ class CascadeStage:
     X: np.ndarray
 
 
+def encoder_licenses(encoder_meta: dict[str, Any], what: str = "encoder") -> dict[str, str]:
+    """The manifest's license lines for an encoder's parts (weights, package), from its encoder.json."""
+    return {f"{what} {part} ({info['from']})": info["license"] for part, info in encoder_meta["licenses"].items()}
+
+
 def write_stage(
     tmp: Path, sub: str, enc_dir: Path, encoder_meta: dict[str, Any], head: WinRateHead, X: np.ndarray,
     data: D.RoutingData, cfg: FitConfig,
@@ -319,14 +324,11 @@ def write_version(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     main = write_stage(tmp, ".", Path(cfg.encoder_dir), encoder_meta, head, X, data, cfg)
-    licenses = {f"encoder {part} ({info['from']})": info["license"] for part, info in encoder_meta["licenses"].items()}
+    licenses = encoder_licenses(encoder_meta)
     if cascade is not None:
         c = cascade
         first = write_stage(tmp, "cascade", c.encoder_dir, c.encoder_meta, c.head, c.X, data, cfg)
-        licenses |= {
-            f"cascade encoder {part} ({info['from']})": info["license"]
-            for part, info in cascade.encoder_meta.get("licenses", {}).items()
-        }
+        licenses |= encoder_licenses(c.encoder_meta, "cascade encoder")
     kept: dict[str, Any] | None = None
     if keep_cascade_from is not None:
         source = json.loads((keep_cascade_from / MANIFEST).read_text("utf-8"))
