@@ -12,6 +12,7 @@ from typing import Any, Literal
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from router.lexical import Lexicon
 from router.scoring import LENGTH_FEATURES
 from router.tokenizer import RouterTokenizer
 
@@ -50,6 +51,15 @@ class WinPair(BaseModel):
     n: int = Field(0, ge=0, description="pairwise outcomes it was fitted on")
 
 
+class LexiconSpec(BaseModel):
+    """The head's lexical features (router.lexical): their vocabulary and idf, in an .npz file."""
+
+    file: str = "lexicon.npz"
+    sha256: str
+    features: int = Field(gt=0)
+    min_df: int = Field(ge=1)
+
+
 class HeadSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -61,6 +71,7 @@ class HeadSpec(BaseModel):
     models: list[str] = Field(min_length=1)
     win_temperature: float = Field(1.0, gt=0, description="pooled; see router.scoring.pair_calibration")
     win_pairs: list[WinPair] = Field(default_factory=list, description="per-pair calibration; others use 1/T")
+    lexicon: LexiconSpec | None = Field(None, description="lexical features beside the embedding, if any")
 
 
 class CascadeSpec(BaseModel):
@@ -152,6 +163,7 @@ class Stage:
     tokenizer: RouterTokenizer
     encoder: ort.InferenceSession
     head: ort.InferenceSession
+    lexicon: Lexicon | None = None  # the head's lexical features (router.lexical), if it reads them
 
 
 @dataclass(frozen=True)
@@ -164,10 +176,13 @@ class LoadedModel:
     encoder: ort.InferenceSession
     head: ort.InferenceSession
     first_stage: Stage | None = None  # the cascade's cheap stage, when the version has one
+    lexicon: Lexicon | None = None  # the main head's lexical features, if it reads them
 
     @property
     def main_stage(self) -> Stage:
-        return Stage(self.manifest.encoder, self.manifest.head, self.tokenizer, self.encoder, self.head)
+        return Stage(
+            self.manifest.encoder, self.manifest.head, self.tokenizer, self.encoder, self.head, self.lexicon
+        )
 
     @property
     def version(self) -> str:
@@ -204,6 +219,7 @@ def _static_dim(session: ort.InferenceSession, which: Literal["in", "out"], inde
 
 
 HEAD_INPUTS = ["embedding", "prompt_chars"]
+LEXICAL_INPUTS = ["lex_index", "lex_value"]  # a head with lexical features takes these as well
 HEAD_OUTPUTS = ["ability", "difficulty"]
 
 
@@ -224,15 +240,28 @@ def _load_stage(
     if dim is not None and dim != enc.dim:
         raise ArtifactError(f"{enc_path}: outputs {dim}-d embeddings, manifest says {enc.dim}")
 
+    tokenizer = RouterTokenizer(tok_path, enc.max_tokens)
+    lexicon = None
+    if head.lexicon is not None:
+        lex_path = _checked_file(model_dir, head.lexicon.file, head.lexicon.sha256, "lexicon")
+        try:
+            lexicon = Lexicon.load(lex_path)
+        except (OSError, ValueError, KeyError) as e:
+            raise ArtifactError(f"{lex_path}: cannot read the lexicon: {e}") from e
+        if lexicon.size != head.lexicon.features or lexicon.vocab != tokenizer.vocab_size:
+            raise ArtifactError(
+                f"{lex_path}: {lexicon.size} features over a {lexicon.vocab}-piece vocabulary, manifest says "
+                f"{head.lexicon.features} and the tokenizer has {tokenizer.vocab_size} pieces"
+            )
     head_sess = make_session(head_path, providers=providers, intra_op_threads=1)
-    _check_io(head_sess, head_path, HEAD_INPUTS, HEAD_OUTPUTS)
+    _check_io(head_sess, head_path, HEAD_INPUTS + (LEXICAL_INPUTS if lexicon else []), HEAD_OUTPUTS)
     if head.features and head.features != list(LENGTH_FEATURES):
         raise ArtifactError(f"{head_path}: features {head.features}, this server computes {list(LENGTH_FEATURES)}")
     if (d := _static_dim(head_sess, "in", 0)) is not None and d != head.input_dim:
         raise ArtifactError(f"{head_path}: takes {d}-d input, manifest says {head.input_dim}")
     if (m := _static_dim(head_sess, "out", 0)) is not None and m != len(head.models):
         raise ArtifactError(f"{head_path}: scores {m} models, manifest lists {len(head.models)}")
-    return Stage(enc, head, RouterTokenizer(tok_path, enc.max_tokens), encoder, head_sess)
+    return Stage(enc, head, tokenizer, encoder, head_sess, lexicon)
 
 
 def load_model(
@@ -262,4 +291,4 @@ def load_model(
         len(manifest.head.models),
         main.encoder.get_providers(),
     )
-    return LoadedModel(manifest, model_dir, main.tokenizer, main.encoder, main.head, first)
+    return LoadedModel(manifest, model_dir, main.tokenizer, main.encoder, main.head, first, main.lexicon)

@@ -26,6 +26,7 @@ from router.tokenizer import Keep
 log = logging.getLogger(__name__)
 
 WinParams = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
+Lexical = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]  # router.lexical.Lexicon.features
 PAD_RATIO = 1.3  # longest / shortest prompt in one encoder run
 
 
@@ -97,9 +98,10 @@ class RoutingEngine:
 
     def embed(
         self, texts: Sequence[str], keep: Sequence[Keep] | None = None, stage: Stage | None = None
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64], Lexical | None]:
         """Embeddings (B, dim), token counts after truncation (B,) and of the whole text (B,),
-        in sub-batches of similar length so
+        and the head's lexical features from the same tokens (None if it reads none);
+        the embeddings in sub-batches of similar length so
         padding stays small and no forward pass exceeds max_batch_tokens.
 
         A sub-batch ends where the next prompt is more than PAD_RATIO times longer than its
@@ -129,15 +131,36 @@ class RoutingEngine:
             }
             out[rows] = stage.encoder.run([enc_out], feeds)[0]
             start = stop
-        return out, enc.lengths, enc.full_lengths
+        lexical = stage.lexicon.features(enc.input_ids, enc.lengths) if stage.lexicon is not None else None
+        return out, enc.lengths, enc.full_lengths, lexical
+
+    def lexical(
+        self, texts: Sequence[str], keep: Sequence[Keep] | None = None, stage: Stage | None = None
+    ) -> Lexical | None:
+        """The head's lexical features alone (for callers that cached the embeddings)."""
+        stage = stage or self.main
+        if stage.lexicon is None:
+            return None
+        enc = stage.tokenizer.encode(texts, keep)
+        return stage.lexicon.features(enc.input_ids, enc.lengths)
 
     def score(
-        self, embedding: npt.NDArray[np.float32], prompt_chars: npt.NDArray[np.float32], stage: Stage | None = None
+        self,
+        embedding: npt.NDArray[np.float32],
+        prompt_chars: npt.NDArray[np.float32],
+        stage: Stage | None = None,
+        lexical: Lexical | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """Head forward: per-model ability logits (B, M) and the prompt's difficulty (B,)."""
-        ability, difficulty = (stage or self.main).head.run(
-            ["ability", "difficulty"], {"embedding": embedding, "prompt_chars": prompt_chars}
-        )
+        stage = stage or self.main
+        feeds: dict[str, npt.NDArray[np.float32] | npt.NDArray[np.int64]] = {
+            "embedding": embedding, "prompt_chars": prompt_chars
+        }
+        if stage.lexicon is not None:
+            if lexical is None:
+                raise ValueError(f"the head of {self.version} reads lexical features: pass them (embed, lexical)")
+            feeds["lex_index"], feeds["lex_value"] = lexical
+        ability, difficulty = stage.head.run(["ability", "difficulty"], feeds)
         return ability, difficulty
 
     def _cascades(self, profile: Profile) -> bool:
@@ -179,9 +202,9 @@ class RoutingEngine:
         rows whose decision is close are left undecided and returned (the main stage takes them)."""
         cascade = stage is not self.main
         batch = [queries[i] for i in idx]
-        embedding, n_tokens, input_tokens = self.embed([q.text for q in batch], [q.keep for q in batch], stage)
+        embedding, n_tokens, input_tokens, lexical = self.embed([q.text for q in batch], [q.keep for q in batch], stage)
         chars = np.fromiter((len(q.text) for q in batch), np.float32, len(batch))
-        ability, difficulty = self.score(embedding, chars, stage)
+        ability, difficulty = self.score(embedding, chars, stage, lexical)
         close: list[int] = []
         # One vectorized decision per profile present in the batch.
         by_profile: dict[int, list[int]] = {}

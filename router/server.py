@@ -126,8 +126,8 @@ class RouterServer:
         for batch in ([WARMUP_TEXTS[0]], [WARMUP_TEXTS[-1]], WARMUP_TEXTS):
             engine.route_batch([RouteQuery(t, profile) for t in batch])
             if engine.first is not None:  # a cascade's first stage, whichever profile uses it
-                embedding, _, _ = engine.embed(batch, None, engine.first)
-                engine.score(embedding, np.array([len(t) for t in batch], np.float32), engine.first)
+                embedding, _, _, lexical = engine.embed(batch, None, engine.first)
+                engine.score(embedding, np.array([len(t) for t in batch], np.float32), engine.first, lexical)
 
     async def _poll(self, interval: float, check: Callable[[], bool], act: Callable[[], Awaitable[object]]) -> None:
         while True:

@@ -42,6 +42,7 @@ class RouterTokenizer:
             tok.no_padding()  # we pad per batch ourselves, to the batch's longest
             tok.enable_truncation(max_length=max_tokens, direction=direction)
             self._by_side[side] = tok  # type: ignore[index]
+        self.vocab_size = self._by_side["head"].get_vocab_size()
         post = self._by_side["head"].post_processor
         self._specials = post.num_special_tokens_to_add(False) if post is not None else 0
 

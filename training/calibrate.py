@@ -273,7 +273,10 @@ def score(
     else:
         embedding, input_tokens = embed(engine, prompts, cache_dir, stage)
         chars = np.fromiter((len(t) for t in prompts.texts), np.float32, len(prompts))
-    ability, difficulty = engine.score(embedding, chars, stage)
+    lexical = engine.lexical(prompts.texts, prompts.keep, stage)
+    if lexical is not None and prompts.embedding is not None and not any(prompts.texts):
+        log.warning("the head reads the prompts' words, but the log kept no prompt texts: scoring without them")
+    ability, difficulty = engine.score(embedding, chars, stage, lexical)
     quality = S.tier_quality(ability[:, engine.columns(profile)], difficulty)  # (N, T)
     price_in, price_out = profile.prices
     out_tokens = np.full(len(prompts), profile.expected_output_tokens, np.int64)

@@ -82,7 +82,9 @@ def add_cascade(
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
-        first = write_stage(tmp, "cascade", stage.encoder_dir, stage.encoder_meta, stage.head, stage.X, data, cfg)
+        first = write_stage(
+            tmp, "cascade", stage.encoder_dir, stage.encoder_meta, stage.head, stage.X, data, cfg, stage.tokens
+        )
         new = dict(manifest)
         new["version"] = name
         new["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

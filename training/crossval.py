@@ -19,12 +19,22 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from router.lexical import Tokens
 from router.profiles import load_profiles
 from router.scoring import LENGTH_FEATURES, sigmoid
 from training import data as D
 from training import evaluate as E
 from training.embed import Embedder
-from training.fit import DEFAULT_ENCODER, REPO, arg_type, build_terms, calibrate_win, head_inputs, win_probability
+from training.fit import (
+    DEFAULT_ENCODER,
+    REPO,
+    add_no_lexical,
+    arg_type,
+    build_terms,
+    calibrate_win,
+    head_inputs,
+    win_probability,
+)
 from training.model import HEAD_FIELDS, HeadConfig, Terms, WinRateHead
 
 log = logging.getLogger(__name__)
@@ -97,7 +107,8 @@ def train_mask(
 
 
 def out_of_group(
-    cfg: EvalConfig, data: D.RoutingData, X: npt.NDArray[np.float32], terms: Terms, groups: npt.NDArray[np.int64]
+    cfg: EvalConfig, data: D.RoutingData, X: npt.NDArray[np.float32], terms: Terms, groups: npt.NDArray[np.int64],
+    tokens: Tokens,
 ) -> tuple[Predictions, list[float]]:
     M, n_data = len(data.models), len(data.datasets)
     pred = Predictions(
@@ -110,11 +121,11 @@ def out_of_group(
     for g in sorted(set(groups.tolist()) - {-1}):
         head = cfg.make_head()
         train = train_mask(cfg, data, terms, groups, g)
-        head.fit(X, terms.subset(train))
-        calibrate_win(data, head, X, np.unique(terms.row[train]))
+        head.fit(X, terms.subset(train), tokens)
+        calibrate_win(data, head, X, np.unique(terms.row[train]), tokens)
         rows = np.nonzero(groups == g)[0]
         pred.heads[g] = head
-        pred.ability[rows], pred.difficulty[rows] = head.logits(X[rows])
+        pred.ability[rows], pred.difficulty[rows] = head.logits(X[rows], tokens.take(rows))
         pred.offset[rows] = head.offset_
         pred.group[rows] = g
         losses.append(head.train_loss_)
@@ -307,20 +318,19 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     enc = Path(cfg.encoder_dir)
     meta = json.loads((enc / "encoder.json").read_text("utf-8"))
     max_tokens = cfg.max_tokens or int(meta["max_tokens"])
-    embedding = Embedder(enc / "encoder.onnx", enc / "tokenizer.json", max_tokens).embed(data.prompts)
-    X = head_inputs(embedding, data.prompts)
+    embedder = Embedder(enc / "encoder.onnx", enc / "tokenizer.json", max_tokens)
+    X = head_inputs(embedder.embed(data.prompts), data.prompts)
 
     # 2. out-of-group predictions: every scored prompt comes from a head that never saw it
     groups, group_names = groups_for(cfg, data)
-    pred, _ = out_of_group(cfg, data, X, terms, groups)
+    pred, _ = out_of_group(cfg, data, X, terms, groups, embedder.tokens(data.prompts))
     first, first_meta = None, None
     if cfg.cascade_encoder_dir:  # the cascade's first stage: its own heads on the same groups
         fenc = Path(cfg.cascade_encoder_dir)
         first_meta = json.loads((fenc / "encoder.json").read_text("utf-8"))
-        femb = Embedder(fenc / "encoder.onnx", fenc / "tokenizer.json", int(first_meta["max_tokens"])).embed(
-            data.prompts
-        )
-        first, _ = out_of_group(cfg, data, head_inputs(femb, data.prompts), terms, groups)
+        fembedder = Embedder(fenc / "encoder.onnx", fenc / "tokenizer.json", int(first_meta["max_tokens"]))
+        fX = head_inputs(fembedder.embed(data.prompts), data.prompts)
+        first, _ = out_of_group(cfg, data, fX, terms, groups, fembedder.tokens(data.prompts))
 
     # 3. figures for each adjacent pair of the profile's tiers, on every data set that labels it
     profile = load_profiles(Path(cfg.profiles_path))[cfg.profile]
@@ -421,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "limit",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=arg_type(EvalConfig, name), default=getattr(defaults, name))
+    add_no_lexical(p)
     args = vars(p.parse_args(argv))
     args["datasets"] = [d for d in args["datasets"].split(",") if d]
     args["cascade_margins"] = [float(m) for m in args["cascade_margins"].split(",") if m]

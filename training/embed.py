@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from router.artifacts import make_session, sha256_file
+from router.lexical import Tokens
 from router.tokenizer import RouterTokenizer
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ class Embedder:
     def _forward(self, texts: list[str]) -> npt.NDArray[np.float32]:
         enc = self.tokenizer.encode(texts)
         return self.session.run(["embedding"], {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})[0]
+
+    def tokens(self, texts: list[str]) -> Tokens:
+        """The texts' word pieces as the encoder (and a head's lexical features) see them."""
+        enc = self.tokenizer.encode(texts)
+        return Tokens(enc.input_ids, enc.lengths, self.tokenizer.vocab_size)
 
     def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
         """(len(texts), dim) embeddings; texts already in the cache are not recomputed."""

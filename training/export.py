@@ -25,6 +25,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from router.artifacts import make_session, sha256_file
+from router.lexical import Tokens
 from router.scoring import LENGTH_CENTER, LENGTH_FEATURES, LENGTH_SCALE, length_features
 
 if TYPE_CHECKING:  # heavy, training-only imports stay out of module import time
@@ -824,13 +825,16 @@ def head_graph(
     bias: np.ndarray,
     hidden_weight: np.ndarray | None = None,
     hidden_bias: np.ndarray | None = None,
+    lexical_weight: np.ndarray | None = None,
     opset: int = 17,
 ) -> onnx.ModelProto:
     """embedding (B, dim), prompt_chars (B,) -> ability (B, M), difficulty (B,).
 
     x = [embedding, length features], the features computed in the graph exactly as
     router.scoring.length_features does; with a hidden layer x' = [x, relu(x W1 + c1)]
-    (training.model), else x' = x; then the collapsed head x' W + b, (B, M + 1)."""
+    (training.model), else x' = x; then the collapsed head x' W + b, (B, M + 1).
+    With `lexical_weight` (F, M + 1), two more inputs, lex_index (B, K) and lex_value (B, K)
+    (router.lexical.Lexicon.features; index F reads a zero row), add sum_k value * weight[index]."""
     from onnx import TensorProto, helper, numpy_helper
 
     m1 = weight.shape[1]
@@ -864,10 +868,30 @@ def head_graph(
             helper.make_node("Relu", ["hb"], ["h"]),
             helper.make_node("Concat", ["x", "h"], ["xw"], axis=1),  # (B, dim + 2 + hidden)
         ]
+    nodes += [helper.make_node("MatMul", ["xw", "W"], ["zw"]), helper.make_node("Add", ["zw", "b"], ["zd"])]
+    inputs = [
+        helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim]),
+        helper.make_tensor_value_info("prompt_chars", TensorProto.FLOAT, ["batch"]),
+    ]
+    if lexical_weight is None:
+        nodes.append(helper.make_node("Identity", ["zd"], ["z"]))
+    else:
+        zero_row = np.zeros((1, m1), np.float32)
+        consts["lex_W"] = np.vstack([lexical_weight.astype(np.float32), zero_row])  # (F + 1, M + 1)
+        consts["axis2"] = np.array([2], np.int64)
+        nodes += [
+            helper.make_node("Gather", ["lex_W", "lex_index"], ["lw"], axis=0),  # (B, K, M + 1)
+            helper.make_node("Unsqueeze", ["lex_value", "axis2"], ["lv"]),  # (B, K, 1)
+            helper.make_node("Mul", ["lw", "lv"], ["lwv"]),
+            helper.make_node("ReduceSum", ["lwv", "axis1"], ["lz"], keepdims=0),  # (B, M + 1)
+            helper.make_node("Add", ["zd", "lz"], ["z"]),
+        ]
+        inputs += [
+            helper.make_tensor_value_info("lex_index", TensorProto.INT64, ["batch", "features"]),
+            helper.make_tensor_value_info("lex_value", TensorProto.FLOAT, ["batch", "features"]),
+        ]
     inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
     nodes += [
-        helper.make_node("MatMul", ["xw", "W"], ["zw"]),
-        helper.make_node("Add", ["zw", "b"], ["z"]),  # (B, M + 1)
         helper.make_node("Slice", ["z", "zero", "m", "axis1"], ["ability"]),
         helper.make_node("Slice", ["z", "m", "m1", "axis1"], ["d2"]),
         helper.make_node("Squeeze", ["d2", "axis1"], ["difficulty"]),
@@ -875,10 +899,7 @@ def head_graph(
     graph = helper.make_graph(
         nodes,
         "router_head",
-        [
-            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim]),
-            helper.make_tensor_value_info("prompt_chars", TensorProto.FLOAT, ["batch"]),
-        ],
+        inputs,
         [
             helper.make_tensor_value_info("ability", TensorProto.FLOAT, ["batch", m1 - 1]),
             helper.make_tensor_value_info("difficulty", TensorProto.FLOAT, ["batch"]),
@@ -890,20 +911,28 @@ def head_graph(
     return model
 
 
-def export_head(head: Any, path: Path, embedding: np.ndarray, chars: np.ndarray) -> float:
+def export_head(
+    head: Any, path: Path, embedding: np.ndarray, chars: np.ndarray, tokens: Tokens | None = None
+) -> float:
     """Write head.onnx; refuse (raise, write nothing) if ONNX Runtime, computing the length
-    features itself, disagrees with the trained head on these prompts. Returns the max
-    absolute difference over both outputs."""
+    features itself, disagrees with the trained head on these prompts (`tokens`: theirs, for a
+    head with lexical features). Returns the max absolute difference over both outputs."""
     hidden = getattr(head, "hidden_weight_", None)
     if hidden is not None and hidden.shape[1] == 0:
         hidden = None
-    model = head_graph(head.weight_, head.bias_, hidden, None if hidden is None else head.hidden_bias_)
-    sess = make_session(model.SerializeToString(), providers=["CPUExecutionProvider"], intra_op_threads=1)
-    ability, difficulty = sess.run(
-        ["ability", "difficulty"],
-        {"embedding": embedding.astype(np.float32), "prompt_chars": chars.astype(np.float32)},
+    lexicon = getattr(head, "lexicon_", None)
+    model = head_graph(
+        head.weight_, head.bias_, hidden, None if hidden is None else head.hidden_bias_,
+        None if lexicon is None else head.lexical_weight_,
     )
-    want_a, want_d = head.logits(np.hstack([embedding, length_features(chars)]))
+    sess = make_session(model.SerializeToString(), providers=["CPUExecutionProvider"], intra_op_threads=1)
+    feeds = {"embedding": embedding.astype(np.float32), "prompt_chars": chars.astype(np.float32)}
+    if lexicon is not None:
+        if tokens is None:
+            raise ValueError("a head with lexical features is checked on the prompts' tokens")
+        feeds["lex_index"], feeds["lex_value"] = lexicon.features(tokens.input_ids, tokens.lengths)
+    ability, difficulty = sess.run(["ability", "difficulty"], feeds)
+    want_a, want_d = head.logits(np.hstack([embedding, length_features(chars)]), tokens)
     diff = float(max(np.abs(ability - want_a).max(), np.abs(difficulty - want_d).max()))
     if not diff <= HEAD_PARITY_TOL:
         raise RuntimeError(f"head.onnx differs from the trained head by {diff:g} > {HEAD_PARITY_TOL:g}; not written")

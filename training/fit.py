@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from router.artifacts import DEFAULT_POINTER, MANIFEST, MANIFEST_FORMAT, WinPair, load_model, sha256_file
+from router.lexical import Tokens
 from router.scoring import LENGTH_FEATURES, fit_platt, fit_temperature, length_features, pair_calibration, sigmoid
 from training import data as D
 from training import evaluate as E
@@ -90,26 +91,32 @@ def pairwise_outcomes(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray
     return (np.concatenate([d for d, _ in by_pair.values()]), np.concatenate([o for _, o in by_pair.values()]))
 
 
-def fit_win_temperature(data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray) -> float:
+def fit_win_temperature(
+    data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None = None
+) -> float:
     """Temperature that calibrates the served win probability on the training prompts."""
-    ability, _ = head.logits(X)
+    ability, _ = head.logits(X, tokens)
     return fit_temperature(*pairwise_outcomes(data, ability, rows))
 
 
 MIN_PAIR_OUTCOMES = 300  # fewer shared outcomes than this: the pair uses the pooled temperature
 
 
-def calibrate_win(data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray) -> None:
+def calibrate_win(
+    data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None = None
+) -> None:
     """Set the head's pooled win temperature and its per-pair calibration from `rows`."""
-    head.win_temperature_ = fit_win_temperature(data, head, X, rows)
-    head.win_pairs_ = fit_win_pairs(data, head, X, rows)
+    head.win_temperature_ = fit_win_temperature(data, head, X, rows, tokens)
+    head.win_pairs_ = fit_win_pairs(data, head, X, rows, tokens)
 
 
-def fit_win_pairs(data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray) -> list[WinPair]:
+def fit_win_pairs(
+    data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None = None
+) -> list[WinPair]:
     """Per-pair Platt calibration of the win probability on the training prompts: one
     temperature cannot fit every pair (MMLU's correctness ties and AlpacaEval's judged
     preferences sit on different scales)."""
-    ability, _ = head.logits(X)
+    ability, _ = head.logits(X, tokens)
     pairs = []
     for (a, b), (diff, outcome) in sorted(pairwise_by_pair(data, ability, rows).items()):
         if len(diff) >= MIN_PAIR_OUTCOMES:
@@ -124,14 +131,16 @@ def win_probability(head: WinRateHead, first: str, second: str, diff: np.ndarray
     return sigmoid(scale[1] * diff + bias[1])
 
 
-def mmlu_routing_figures(data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
+def mmlu_routing_figures(
+    data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None = None
+) -> dict[str, Any]:
     """Strong/weak routing on held-out MMLU prompts, beside the baselines."""
     mrows, models, mat = data.outcome_matrix("mmlu")
     keep = np.isin(mrows, rows)
     mrows, mat = mrows[keep], mat[keep]
     weak, strong = models.index("mixtral-8x7b-instruct-v0.1"), models.index(D.REFERENCE_MODEL)
     q_weak, q_strong = mat[:, weak], mat[:, strong]
-    ability, difficulty = head.logits(X[mrows])
+    ability, difficulty = head.logits(X[mrows], None if tokens is None else tokens.take(mrows))
     mw, ms = data.models.index(models[weak]), data.models.index(models[strong])
     p_weak = sigmoid(ability[:, mw] - difficulty)
     p_strong = sigmoid(ability[:, ms] - difficulty)
@@ -174,11 +183,12 @@ def length_baseline_logloss(data: D.RoutingData, terms: Terms, train: np.ndarray
 
 
 def heldout_metrics(
-    data: D.RoutingData, terms: Terms, head: WinRateHead, X: np.ndarray, fold: np.ndarray, cfg: FitConfig
+    data: D.RoutingData, terms: Terms, head: WinRateHead, X: np.ndarray, fold: np.ndarray, cfg: FitConfig,
+    tokens: Tokens | None = None,
 ) -> dict[str, Any]:
     test_rows = np.nonzero(fold == cfg.holdout_fold)[0]
     row_test = np.isin(terms.row, test_rows)
-    p = head.term_probability(X, terms)
+    p = head.term_probability(X, terms, tokens)
     metrics: dict[str, Any] = {
         "split": f"fold {cfg.holdout_fold} of {cfg.k_folds} by prompt hash",
         "heldout_prompts": int(len(test_rows)),
@@ -193,7 +203,7 @@ def heldout_metrics(
             "ece": E.expected_calibration_error(p[sel], terms.target[sel]),
             "terms": int(sel.sum()),
         }
-    ability, _ = head.logits(X)
+    ability, _ = head.logits(X, tokens)
     by_pair = pairwise_by_pair(data, ability, test_rows)
     diff, outcome = (np.concatenate(parts) for parts in zip(*by_pair.values(), strict=True))
     served = np.concatenate([win_probability(head, a, b, d) for (a, b), (d, _) in by_pair.items()])
@@ -206,15 +216,15 @@ def heldout_metrics(
         "pairs": int(len(diff)),
     }
     if "mmlu" in data.datasets:
-        metrics["mmlu_routing"] = mmlu_routing_figures(data, head, X, test_rows)
+        metrics["mmlu_routing"] = mmlu_routing_figures(data, head, X, test_rows, tokens)
     return metrics
 
 
 PATH_FIELDS = ("data_dir", "encoder_dir", "cascade_encoder_dir", "models_dir")
 # Bump when training code changes what a config produces, so the version name changes too.
 # 2: win temperature fitted on the training prompts. 3: prompt-length features at the head's input.
-# 4: a ReLU layer in front of the head; per-pair win calibration.
-ALGORITHM = 4
+# 4: a ReLU layer in front of the head; per-pair win calibration. 5: lexical features (router.lexical).
+ALGORITHM = 5
 
 
 def portable_config(cfg: FitConfig) -> dict[str, Any]:
@@ -247,6 +257,7 @@ class CascadeStage:
     encoder_meta: dict[str, Any]
     head: WinRateHead
     X: np.ndarray
+    tokens: Tokens  # the prompts through this encoder's tokenizer
 
 
 def encoder_licenses(encoder_meta: dict[str, Any], what: str = "encoder") -> dict[str, str]:
@@ -256,18 +267,28 @@ def encoder_licenses(encoder_meta: dict[str, Any], what: str = "encoder") -> dic
 
 def write_stage(
     tmp: Path, sub: str, enc_dir: Path, encoder_meta: dict[str, Any], head: WinRateHead, X: np.ndarray,
-    data: D.RoutingData, cfg: FitConfig,
+    data: D.RoutingData, cfg: FitConfig, tokens: Tokens | None = None,
 ) -> dict[str, Any]:
-    """Copy an encoder into tmp/sub, export its head there (parity-checked on X's first rows),
-    and return the manifest's `encoder` and `head` records for them."""
+    """Copy an encoder into tmp/sub, export its head there (parity-checked on X's first rows, and
+    `tokens`' for a head with lexical features, whose lexicon goes beside it), and return the
+    manifest's `encoder` and `head` records for them."""
     (tmp / sub).mkdir(parents=True, exist_ok=True)
     for name in ("encoder.onnx", "tokenizer.json"):
         shutil.copy2(enc_dir / name, tmp / sub / name)
     dim = X.shape[1] - len(LENGTH_FEATURES)  # X = [embedding, length features] (head_inputs)
     n = min(len(X), 2048)
     chars = np.array([len(p) for p in data.prompts[:n]], np.float32)
-    parity = export_head(head, tmp / sub / "head.onnx", X[:n, :dim], chars)
+    parity = export_head(head, tmp / sub / "head.onnx", X[:n, :dim], chars, tokens and tokens.take(np.arange(n)))
     prefix = "" if sub == "." else sub + "/"
+    lexicon = None
+    if (lex := getattr(head, "lexicon_", None)) is not None:
+        lex.save(tmp / sub / "lexicon.npz")
+        lexicon = {
+            "file": prefix + "lexicon.npz",
+            "sha256": sha256_file(tmp / sub / "lexicon.npz"),
+            "features": lex.size,
+            "min_df": lex.min_df,
+        }
     return {
         "encoder": {
             "name": encoder_meta["name"],
@@ -295,6 +316,7 @@ def write_stage(
             "parity_max_abs_diff": parity,
             "win_temperature": head.win_temperature_,
             "win_pairs": [p.model_dump() for p in head.win_pairs_],
+            **({"lexicon": lexicon} if lexicon else {}),
         },
     }
 
@@ -311,6 +333,7 @@ def write_version(
     provenance: dict[str, Any] | None = None,
     cascade: CascadeStage | None = None,
     keep_cascade_from: Path | None = None,
+    tokens: Tokens | None = None,
 ) -> Path:
     """Write <models_dir>/<version>/ (head exported with a parity check on X's first rows, which
     must be `data`'s prompts; a cascade's first stage under cascade/) and, with cfg.set_default,
@@ -323,11 +346,11 @@ def write_version(
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    main = write_stage(tmp, ".", Path(cfg.encoder_dir), encoder_meta, head, X, data, cfg)
+    main = write_stage(tmp, ".", Path(cfg.encoder_dir), encoder_meta, head, X, data, cfg, tokens)
     licenses = encoder_licenses(encoder_meta)
     if cascade is not None:
         c = cascade
-        first = write_stage(tmp, "cascade", c.encoder_dir, c.encoder_meta, c.head, c.X, data, cfg)
+        first = write_stage(tmp, "cascade", c.encoder_dir, c.encoder_meta, c.head, c.X, data, cfg, c.tokens)
         licenses |= encoder_licenses(c.encoder_meta, "cascade encoder")
     kept: dict[str, Any] | None = None
     if keep_cascade_from is not None:
@@ -338,7 +361,7 @@ def write_version(
             kept = None
         if kept is not None:
             for spec in (kept["encoder"], kept["head"]):
-                for name in (spec["file"], spec.get("tokenizer")):
+                for name in (spec["file"], spec.get("tokenizer"), (spec.get("lexicon") or {}).get("file")):
                     if name:
                         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                         shutil.copy2(keep_cascade_from / name, tmp / name)
@@ -379,6 +402,7 @@ class Prepared:
     X: np.ndarray  # (N, dim + 2) head inputs, one row per prompt
     fold: np.ndarray  # (N,) fold of each prompt
     encoder_meta: dict[str, Any]
+    tokens: Tokens  # (N, T) word pieces of each prompt, for a head's lexical features
 
 
 def prepare(cfg: FitConfig) -> Prepared:
@@ -392,7 +416,7 @@ def prepare(cfg: FitConfig) -> Prepared:
     encoder_meta = json.loads((enc_dir / "encoder.json").read_text("utf-8"))
     embedder = Embedder(enc_dir / "encoder.onnx", enc_dir / "tokenizer.json", int(encoder_meta["max_tokens"]))
     X = head_inputs(embedder.embed(data.prompts), data.prompts)  # (N, dim + 2)
-    return Prepared(data, terms, X, D.folds(data.prompts, cfg.k_folds), encoder_meta)
+    return Prepared(data, terms, X, D.folds(data.prompts, cfg.k_folds), encoder_meta, embedder.tokens(data.prompts))
 
 
 def append_rows(X: np.ndarray, terms: Terms, X_extra: np.ndarray, extra: Terms) -> tuple[np.ndarray, Terms]:
@@ -412,17 +436,20 @@ def append_rows(X: np.ndarray, terms: Terms, X_extra: np.ndarray, extra: Terms) 
     return np.vstack([X, X_extra]).astype(np.float32), joined
 
 
-def train_head(cfg: FitConfig, prep: Prepared, extra: tuple[np.ndarray, Terms] | None = None) -> WinRateHead:
-    """Fit on the training folds (plus `extra` rows and terms, e.g. logged outcomes), then fit
-    the win temperature and the per-pair win calibration on the training prompts."""
+def train_head(
+    cfg: FitConfig, prep: Prepared, extra: tuple[np.ndarray, Terms, Tokens] | None = None
+) -> WinRateHead:
+    """Fit on the training folds (plus `extra` rows, terms and tokens, e.g. logged outcomes), then
+    fit the win temperature and the per-pair win calibration on the training prompts."""
     # 3. split by prompt hash and fit on the training folds only
     train = prep.fold[prep.terms.row] != cfg.holdout_fold
-    X, terms = prep.X, prep.terms.subset(train)
+    X, terms, tokens = prep.X, prep.terms.subset(train), prep.tokens
     if extra is not None:
-        X, terms = append_rows(X, terms, *extra)
+        X, terms = append_rows(X, terms, extra[0], extra[1])
+        tokens = tokens.append(extra[2])
     head = cfg.make_head()
-    head.fit(X, terms)
-    calibrate_win(prep.data, head, prep.X, np.nonzero(prep.fold != cfg.holdout_fold)[0])
+    head.fit(X, terms, tokens)
+    calibrate_win(prep.data, head, prep.X, np.nonzero(prep.fold != cfg.holdout_fold)[0], prep.tokens)
     return head
 
 
@@ -434,10 +461,10 @@ def fit_cascade(
     enc_dir = Path(cfg.cascade_encoder_dir)
     meta = json.loads((enc_dir / "encoder.json").read_text("utf-8"))
     embedder = Embedder(enc_dir / "encoder.onnx", enc_dir / "tokenizer.json", int(meta["max_tokens"]))
-    X = head_inputs(embedder.embed(data.prompts), data.prompts)
-    head = train_head(cfg, Prepared(data, terms, X, fold, meta))
-    metrics = heldout_metrics(data, terms, head, X, fold, cfg)
-    return CascadeStage(enc_dir, meta, head, X), metrics
+    X, tokens = head_inputs(embedder.embed(data.prompts), data.prompts), embedder.tokens(data.prompts)
+    head = train_head(cfg, Prepared(data, terms, X, fold, meta, tokens))
+    metrics = heldout_metrics(data, terms, head, X, fold, cfg, tokens)
+    return CascadeStage(enc_dir, meta, head, X, tokens), metrics
 
 
 def fit(cfg: FitConfig) -> dict[str, Any]:
@@ -446,19 +473,21 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     head = train_head(cfg, prep)
 
     # 4. held-out figures beside baselines, then export with a parity check
-    metrics = heldout_metrics(data, terms, head, X, fold, cfg)
+    metrics = heldout_metrics(data, terms, head, X, fold, cfg, prep.tokens)
     cascade = None
     if cfg.cascade_encoder_dir:
         cascade, metrics["cascade_first_stage"] = fit_cascade(cfg, data, terms, fold)
     if not cfg.track:
-        out = write_version(cfg, data, head, X, metrics, encoder_meta, None, cascade=cascade)
+        out = write_version(cfg, data, head, X, metrics, encoder_meta, None, cascade=cascade, tokens=prep.tokens)
         return {"out_dir": str(out), "metrics": metrics}
 
     # 5. the same, tracked: params = this config, metrics, the version's files; registered
     from training import tracking
 
     with tracking.run("fit", portable_config(cfg), {"kind": "fit"}) as run:
-        out = write_version(cfg, data, head, X, metrics, encoder_meta, run.run_id, cascade=cascade)
+        out = write_version(
+            cfg, data, head, X, metrics, encoder_meta, run.run_id, cascade=cascade, tokens=prep.tokens
+        )
         run.log_metrics(metrics | {"train_loss": head.train_loss_})
         run.log_artifact(out, "model")
         registry_version = tracking.register(run.run_id, "model", out.name, "models/" + out.name)
@@ -471,6 +500,14 @@ def arg_type(cls: type, name: str) -> type:
     hint = typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
+
+
+def add_no_lexical(p: argparse.ArgumentParser) -> None:
+    """--no-lexical: the head config's lexical_l2 = None (the CLIs take the head's fields as flags)."""
+    p.add_argument(
+        "--no-lexical", dest="lexical_l2", action="store_const", const=None,
+        help="a head on the embedding alone, without the prompt's word pieces (router.lexical)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("data_dir", "encoder_dir", "models_dir", "version", "k_folds", "holdout_fold", *HEAD_FIELDS, "limit"):
         p.add_argument("--" + name.replace("_", "-"), type=arg_type(FitConfig, name), default=getattr(defaults, name))
+    add_no_lexical(p)
     args = vars(p.parse_args(argv))
     args["datasets"] = [d for d in args["datasets"].split(",") if d]
     result = fit(FitConfig(**args))

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from router.lexical import Lexicon, Tokens, lexical_logits
+
 F32 = npt.NDArray[np.float32]
 
 
@@ -74,12 +76,32 @@ class HeadConfig:
     reference_weight: float = 0.5  # weight of an AlpacaEval term relative to an MMLU term
     hidden: int = 256  # width of the ReLU layer in front of the MF head (0: the linear head; docs/evaluation.md)
     l2_hidden: float = 1e-3  # ridge on that layer's weights
+    # ridge on each output's weights over the prompt's word pieces and their pairs (router.lexical);
+    # None: no lexical features. 3e-5 / 1e-4 / 3e-4 gave 0.688 / 0.694 / 0.691 MMLU APGR (docs/evaluation.md)
+    lexical_l2: float | None = 1e-4
+    lexical_min_df: int = 5  # a lexical feature is kept if at least this many training prompts have it
 
     def make_head(self) -> WinRateHead:
         return WinRateHead(**{k: getattr(self, k) for k in HEAD_FIELDS})
 
 
 HEAD_FIELDS = tuple(asdict(HeadConfig()))
+
+
+def lexical_matrix(lexicon: Lexicon, tokens: Tokens) -> Any:
+    """Every row's lexical features as a sparse (N, F) torch matrix."""
+    import torch
+
+    index, value = lexicon.features(tokens.input_ids, tokens.lengths)
+    keep = index < lexicon.size
+    rows = np.broadcast_to(np.arange(len(index))[:, None], index.shape)[keep]
+    coo = torch.sparse_coo_tensor(
+        torch.from_numpy(np.stack([rows, index[keep]])),
+        torch.from_numpy(value[keep]),
+        (len(index), lexicon.size),
+        check_invariants=True,
+    )
+    return coo.coalesce()
 
 
 class WinRateHead:
@@ -97,6 +119,8 @@ class WinRateHead:
         reference_weight: float = HeadConfig.reference_weight,
         hidden: int = HeadConfig.hidden,
         l2_hidden: float = HeadConfig.l2_hidden,
+        lexical_l2: float | None = HeadConfig.lexical_l2,
+        lexical_min_df: int = HeadConfig.lexical_min_df,
     ) -> None:
         # Defaults are HeadConfig's (the shipped choice), kept in one place.
         self.rank = rank
@@ -109,12 +133,18 @@ class WinRateHead:
         self.reference_weight = reference_weight
         self.hidden = hidden
         self.l2_hidden = l2_hidden
+        # With lexical_l2 set, every output (each model's ability, the difficulty bar) also gets
+        # a weight per lexical feature (router.lexical: word pieces and pairs of them, binary
+        # tf-idf), ridge-penalized by lexical_l2; the lexicon is fitted on the training rows.
+        self.lexical_l2 = lexical_l2
+        self.lexical_min_df = lexical_min_df
         self.steps = steps
         self.lr = lr
         self.seed = seed
         self.optimizer = optimizer  # "adam" (steps x lr) or "lbfgs" (steps = max iterations)
 
-    def fit(self, X: F32, terms: Terms) -> WinRateHead:
+    def fit(self, X: F32, terms: Terms, tokens: Tokens | None = None) -> WinRateHead:
+        """`tokens`: every row's word pieces (router.tokenizer), needed with lexical_l2."""
         import torch
 
         torch.manual_seed(self.seed)
@@ -144,6 +174,16 @@ class WinRateHead:
         params = [P, V, b, wd, bd, offset] + ([A] if self.l2_direct is not None else [])
         params += [W1, c1] if self.hidden else []
         l2_direct = self.l2_direct or 0.0
+        lexicon, phi, L = None, None, None
+        if self.lexical_l2 is not None:
+            if tokens is None:
+                raise ValueError("a head with lexical_l2 needs the prompts' tokens")
+            train_rows = np.unique(terms.row)
+            lexicon = Lexicon.fit(tokens.input_ids[train_rows], tokens.lengths[train_rows], tokens.vocab,
+                                  self.lexical_min_df)
+            phi = lexical_matrix(lexicon, tokens)  # (N, F) sparse
+            L = torch.nn.Parameter(torch.zeros(lexicon.size, n_models + 1))
+            params.append(L)
 
         def widen() -> torch.Tensor:
             return torch.cat([x, torch.relu(x @ W1 + c1)], dim=1) if self.hidden else x
@@ -152,6 +192,11 @@ class WinRateHead:
             xw = widen()
             ability = xw @ (P @ V.T + A) + b  # (N, M)
             difficulty = xw @ wd + bd  # (N,)
+            penalty = torch.zeros(())
+            if L is not None:
+                lex = torch.sparse.mm(phi, L)  # (N, M + 1)
+                ability, difficulty = ability + lex[:, :-1], difficulty + lex[:, -1]
+                penalty = float(self.lexical_l2 or 0.0) * L.square().sum()
             s = ability[row, model]  # (K,)
             against = torch.where(is_bar, difficulty[row], ability[row, terms.reference] - offset[dset])
             loss = torch.nn.functional.binary_cross_entropy_with_logits(s - against, y, weight=weight)
@@ -160,6 +205,7 @@ class WinRateHead:
                 + self.l2 * (P.square().sum() + V.square().sum() + wd.square().sum())
                 + l2_direct * A.square().sum()
                 + self.l2_hidden * W1.square().sum()
+                + penalty
             )
 
         # 2. full-batch training: the data is small enough to see all of it every step
@@ -200,6 +246,8 @@ class WinRateHead:
             self.hidden_weight_ = W1.numpy().astype(np.float32)  # (n_in, hidden); (n_in, 0) when off
             self.hidden_bias_ = c1.numpy().astype(np.float32)
             self.train_loss_ = float(loss)
+            self.lexicon_ = lexicon
+            self.lexical_weight_ = None if L is None else L.numpy().astype(np.float32)  # (F, M + 1)
         self.n_models_ = n_models
         self.win_temperature_ = 1.0  # plain Bradley-Terry until training.fit calibrates it
         self.win_pairs_: list[Any] = []  # router.artifacts.WinPair, fitted by training.fit too
@@ -212,14 +260,20 @@ class WinRateHead:
             return X
         return np.hstack([X, np.maximum(X @ W1 + self.hidden_bias_, 0.0)]).astype(np.float32)
 
-    def logits(self, X: F32) -> tuple[F32, F32]:
+    def logits(self, X: F32, tokens: Tokens | None = None) -> tuple[F32, F32]:
         """Ability (N, M) and difficulty (N,), exactly what head.onnx computes."""
         z = self.widen(X.astype(np.float32)) @ self.weight_ + self.bias_
+        lexicon, weight = getattr(self, "lexicon_", None), getattr(self, "lexical_weight_", None)
+        if lexicon is not None and weight is not None:
+            if tokens is None:
+                raise ValueError("this head reads lexical features: pass the prompts' tokens")
+            index, value = lexicon.features(tokens.input_ids, tokens.lengths)
+            z = z + lexical_logits(weight, index, value)
         return z[:, :-1], z[:, -1]
 
-    def term_probability(self, X: F32, terms: Terms) -> F32:
+    def term_probability(self, X: F32, terms: Terms, tokens: Tokens | None = None) -> F32:
         """P(outcome = 1) for each term, with its data set's comparison (for held-out metrics)."""
-        ability, difficulty = self.logits(X)
+        ability, difficulty = self.logits(X, tokens)
         s = ability[terms.row, terms.model]
         is_bar = np.array([c == "bar" for c in terms.compare])[terms.dataset]
         against = np.where(

@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from router.artifacts import MANIFEST, LoadedModel, load_model, read_manifest, resolve_model_dir
 from router.decisionlog import DecisionLog, LabeledDecisions, decisions
+from router.lexical import Lexicon, Tokens
 from router.policy import RequestContext, decide
 from router.profiles import Profile, ProfileError, load_profiles
 from router.scoring import LENGTH_CENTER, LENGTH_SCALE, length_features, sigmoid, tier_quality
@@ -89,6 +90,13 @@ def time_split(n: int, holdout_frac: float) -> tuple[npt.NDArray[np.int64], npt.
 def logged_inputs(logged: LabeledDecisions) -> npt.NDArray[np.float32]:
     """Head inputs of logged decisions, as training.fit.head_inputs builds them from prompts."""
     return np.hstack([logged.embedding, length_features(logged.prompt_chars)]).astype(np.float32)
+
+
+def no_words(n: int, vocab: int) -> Tokens:
+    """Tokens of n logged decisions: the log keeps no prompt text (only when a profile opts in, and
+    then not in the labeled view), so a head's lexical features see [CLS] [SEP] alone, i.e. none;
+    logged outcomes teach the embedding's part of the head."""
+    return Tokens(np.zeros((n, 2), np.int64), np.full(n, 2, np.int64), vocab)
 
 
 def logged_terms(logged: LabeledDecisions, base: Terms, models: list[str], weight: float) -> Terms:
@@ -159,6 +167,7 @@ class OnnxHead(WinRateHead):
     def __init__(self, model: LoadedModel, models: list[str], datasets: list[str]) -> None:
         super().__init__()
         self.session = model.head
+        self.live_lexicon = model.lexicon
         self.dim = model.manifest.head.input_dim
         self.columns_ = [model.models.index(m) for m in models]  # ValueError: a model live does not know
         self.win_temperature_ = model.manifest.head.win_temperature
@@ -166,15 +175,26 @@ class OnnxHead(WinRateHead):
         offsets = (model.manifest.head.model_extra or {}).get("judge_offsets", {})
         self.offset_ = np.array([offsets.get(d, 0.0) for d in datasets], np.float32)
 
-    def logits(self, X: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    def logits(
+        self, X: npt.NDArray[np.float32], tokens: Tokens | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         # head.onnx computes the length features from characters: invert them (exact to ~1e-6)
         chars = np.expm1(X[:, self.dim].astype(np.float64) / LENGTH_SCALE + LENGTH_CENTER)
-        ability, difficulty = run_onnx_head(self.session, X[:, : self.dim], chars)
+        ability, difficulty = run_onnx_head(self.session, X[:, : self.dim], chars, self.live_lexicon, tokens)
         return ability[:, self.columns_], difficulty
 
 
-def run_onnx_head(session: Any, embedding: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    feeds = {"embedding": np.ascontiguousarray(embedding, np.float32), "prompt_chars": chars.astype(np.float32)}
+def run_onnx_head(
+    session: Any, embedding: np.ndarray, chars: np.ndarray, lexicon: Lexicon | None = None, tokens: Tokens | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A head.onnx on embeddings and lengths; one with a lexicon also on the prompts' words
+    (`tokens`; none given: no words, as for logged decisions)."""
+    feeds: dict[str, np.ndarray] = {
+        "embedding": np.ascontiguousarray(embedding, np.float32), "prompt_chars": chars.astype(np.float32)
+    }
+    if lexicon is not None:
+        tokens = tokens or no_words(len(embedding), lexicon.vocab)
+        feeds["lex_index"], feeds["lex_value"] = lexicon.features(tokens.input_ids, tokens.lengths)
     ability, difficulty = session.run(["ability", "difficulty"], feeds)
     return ability, difficulty
 
@@ -407,7 +427,11 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     log.info("%d logged outcomes: %d to train on, the newest %d held out", len(logged), len(train_log), len(held))
 
     # 3. the candidate: base training folds plus the older logged outcomes
-    extra = (logged_inputs(train_log), logged_terms(train_log, prep.terms, data.models, cfg.log_weight))
+    extra = (
+        logged_inputs(train_log),
+        logged_terms(train_log, prep.terms, data.models, cfg.log_weight),
+        no_words(len(train_log), prep.tokens.vocab),
+    )
     head = F.train_head(fit_cfg, prep, extra)
 
     # 4. both heads on the held-out logged outcomes and on the base data's held-out fold, less the
@@ -417,21 +441,21 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     eval_fold = np.where(seen, -1, prep.fold)
     profiles = read_profiles(cfg.profiles_path)
     def candidate_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return head.logits(np.hstack([emb, length_features(chars)]))
+        return head.logits(np.hstack([emb, length_features(chars)]), no_words(len(emb), prep.tokens.vocab))
 
     def live_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return run_onnx_head(live.head, emb, chars)
+        return run_onnx_head(live.head, emb, chars, live.lexicon)
 
     candidate = {
         "decision_log": logged_metrics(candidate_logits, data.models, held, cfg.ips_floor, profiles, context),
-        "base": F.heldout_metrics(data, prep.terms, head, prep.X, eval_fold, fit_cfg),
+        "base": F.heldout_metrics(data, prep.terms, head, prep.X, eval_fold, fit_cfg, prep.tokens),
     }
     live_metrics: dict[str, Any] = {
         "decision_log": logged_metrics(live_logits, live.models, held, cfg.ips_floor, profiles, context)
     }
     try:
         live_head = OnnxHead(live, data.models, data.datasets)
-        live_metrics["base"] = F.heldout_metrics(data, prep.terms, live_head, prep.X, eval_fold, fit_cfg)
+        live_metrics["base"] = F.heldout_metrics(data, prep.terms, live_head, prep.X, eval_fold, fit_cfg, prep.tokens)
     except ValueError as e:
         log.warning("no base-data figures for the live model (%s)", e)
     promote, checks = gate(candidate, live_metrics)
@@ -477,6 +501,7 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         return F.write_version(
             write_cfg, data, head, prep.X, manifest_metrics, prep.encoder_meta, run_id, provenance=provenance,
             keep_cascade_from=live_dir,  # the live version's cascade stage, if it has one, unchanged
+            tokens=prep.tokens,
         )
 
     if not cfg.track:
@@ -559,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     ):  # fmt: skip
         flag, kind = "--" + name.replace("_", "-"), F.arg_type(RetrainConfig, name)
         p.add_argument(flag, type=kind, default=getattr(defaults, name))
+    F.add_no_lexical(p)
     args = vars(p.parse_args(argv))
     args["datasets"] = [d for d in args["datasets"].split(",") if d]
     result = retrain(RetrainConfig(**args))

@@ -60,8 +60,8 @@ def test_small_fit_writes_a_servable_self_describing_version(tmp_path, monkeypat
     paired = dataclasses.replace(model, manifest=model.manifest.model_copy(update={"head": head_spec}))
     engine = RoutingEngine(paired)
     (r2,) = engine.route_batch([RouteQuery("What is 2 + 2?", profile)])
-    emb, _, _ = engine.embed(["What is 2 + 2?"])
-    ability, _ = engine.score(emb, np.array([14.0], np.float32))
+    emb, _, _, lexical = engine.embed(["What is 2 + 2?"])
+    ability, _ = engine.score(emb, np.array([14.0], np.float32), lexical=lexical)
     cols = engine.columns(profile)
     want = float(sigmoid(np.array(0.5 * (ability[0, cols[1]] - ability[0, cols[0]]) + 0.2)))
     assert r2.win_probability[0] == 0.5 and r2.win_probability[1] == pytest.approx(want, abs=1e-5)
@@ -90,8 +90,8 @@ def test_export_refuses_a_head_that_onnx_disagrees_with(tmp_path):
     assert export_head(head, tmp_path / "ok.onnx", X, chars) < 1e-4
 
     class Lying(WinRateHead):
-        def logits(self, X):  # what training believes differs from what the graph computes
-            a, d = super().logits(X)
+        def logits(self, X, tokens=None):  # what training believes differs from what the graph computes
+            a, d = super().logits(X, tokens)
             return a + 0.01, d
 
     liar = Lying()
@@ -114,6 +114,56 @@ def test_export_carries_the_hidden_layer(tmp_path):
     # the ReLU matters: some units are off on these inputs, so a linear head could not match
     widened = head.widen(np.hstack([X, length_features(chars)]).astype(np.float32))
     assert (widened[:, 8:] == 0).any() and (widened[:, 8:] > 0).any()
+
+
+def test_a_head_with_lexical_features_is_exported_loaded_and_served_as_trained(tmp_path):
+    from router.lexical import Tokens
+    from training.fit import prepare
+
+    cfg = FitConfig(
+        data_dir=str(require_data()),
+        models_dir=str(tmp_path),
+        limit=60,
+        steps=30,
+        lexical_l2=1e-4,
+        lexical_min_df=2,
+        track=False,
+        encoder_dir=str(MODELS / "encoder" / "all-MiniLM-L6-v2-first2-int8"),
+    )
+    out = fit(cfg)
+    version_dir = tmp_path / (tmp_path / "DEFAULT").read_text().strip()
+    assert out["out_dir"] == str(version_dir)
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    lex = manifest["head"]["lexicon"]
+    assert lex["file"] == "lexicon.npz" and lex["features"] > 50 and lex["min_df"] == 2
+    model = load_model(version_dir, device="cpu")
+    assert model.lexicon is not None and model.lexicon.size == lex["features"]
+    engine = RoutingEngine(model)
+    # what the server computes for a prompt is what the trained head computes for it
+    prep = prepare(cfg)
+    prompts = prep.data.prompts[:5] + ["Which of the following is true?"]
+    emb, _, _, lexical = engine.embed(prompts)
+    assert lexical is not None and (lexical[0] < model.lexicon.size).any()
+    served, _ = engine.score(emb, np.array([len(p) for p in prompts], np.float32), lexical=lexical)
+    tok = model.tokenizer.encode(prompts)
+    lex_vocab = model.tokenizer.vocab_size
+    # a head refitted the same way gives the same logits (fixed seeds); its words move them
+    from training.fit import train_head
+
+    head = train_head(cfg, prep)
+    X = np.hstack([emb, length_features([len(p) for p in prompts])]).astype(np.float32)
+    want, _ = head.logits(X, Tokens(tok.input_ids, tok.lengths, lex_vocab))
+    np.testing.assert_allclose(served, want, atol=1e-4)
+    no_words = Tokens(np.zeros((len(prompts), 2), np.int64), np.full(len(prompts), 2, np.int64), lex_vocab)
+    assert np.abs(head.logits(X, no_words)[0] - want).max() > 1e-3
+    with pytest.raises(ValueError, match="lexical"):
+        engine.score(emb, np.array([len(p) for p in prompts], np.float32))
+    # a lexicon that does not match the manifest is refused at load
+    (version_dir / "lexicon.npz").write_bytes(b"not a lexicon")
+    from router.artifacts import ArtifactError
+
+    with pytest.raises(ArtifactError, match="lexicon"):
+        load_model(version_dir, device="cpu")
 
 
 @pytest.mark.slow
