@@ -121,7 +121,7 @@ def test_each_answer_comes_from_the_stage_that_was_sure(engines, profiles, name)
     main_tokens = np.array([r.input_tokens for r in alone_main], np.int64)
     clear = settled_within(0.01, base, main_quality, main_tokens, PROMPTS, ctx(len(PROMPTS)))
     shares = {}
-    for margin in (1e-6, 0.03, 1.0):
+    for margin in (1e-6, 0.03, 0.1, 1.0):
         profile = base.model_copy(update={"cascade_margin": margin})
         got = route(engines["cascade"], profile)
         settled = settled_within(margin, profile, quality, tokens, PROMPTS, ctx(len(PROMPTS)))
@@ -137,8 +137,9 @@ def test_each_answer_comes_from_the_stage_that_was_sure(engines, profiles, name)
             assert r.embedding.shape == (384,)
         shares[margin] = settled.mean()
     assert shares[1e-6] >= 0.9 and shares[1.0] == 0.0
-    assert shares[1e-6] >= shares[0.03] >= shares[1.0]
-    assert 0.0 < shares[0.03] < 1.0, "the test prompts should exercise both stages"
+    assert shares[1e-6] >= shares[0.03] >= shares[0.1] >= shares[1.0]
+    # (which margin splits them depends on where the profile's calibrated floors fall)
+    assert any(0.0 < shares[m] < 1.0 for m in (0.03, 0.1)), "the test prompts should exercise both stages"
 
 
 def test_a_mixed_batch_routes_each_profile_its_own_way(engines, profiles):
