@@ -10,6 +10,10 @@ same space, and the model's ability on this prompt is the logit
 With `hidden` > 0, x is first widened by one ReLU layer, x' = [x, relu(x W1 + c1)] (a skip
 connection: the linear head is the special case W1 = 0), and everything above reads x'.
 
+With `lexical_l2` set, every output also adds phi(x) . l_o, where phi(x) are the prompt's
+lexical features (router.lexical: binary tf-idf over its word pieces and adjacent pairs, sparse)
+and l_o one weight per feature for each model's ability and for the difficulty bar.
+
 Bradley-Terry: P(m's answer beats m''s) = sigmoid(s_m - s_m'). The outcomes in the
 data compare a model's answer with something else, so each data set adds its term:
 
@@ -20,7 +24,8 @@ d(x) = x . w_d + b_d is the prompt's difficulty bar, s_ref the reference model's
 ability (gpt-4-1106-preview, also MMLU's strong model, which ties the files together)
 and c_data a per-file judge offset. Serving reads quality = sigmoid(s_m - d) and
 win probability = sigmoid(s_t - s_cheapest) (router.scoring).
-Because the final map is linear, the trained head collapses to one matrix (over x') for export.
+Because the final map is linear, the trained head collapses to one matrix (over x') for export,
+plus the (features, M + 1) lexical weights, which head.onnx gathers by feature index.
 """
 
 from __future__ import annotations
