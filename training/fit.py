@@ -91,11 +91,8 @@ def pairwise_outcomes(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray
     return (np.concatenate([d for d, _ in by_pair.values()]), np.concatenate([o for _, o in by_pair.values()]))
 
 
-def fit_win_temperature(
-    data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None = None
-) -> float:
+def fit_win_temperature(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray) -> float:
     """Temperature that calibrates the served win probability on the training prompts."""
-    ability, _ = head.logits(X, tokens)
     return fit_temperature(*pairwise_outcomes(data, ability, rows))
 
 
@@ -106,17 +103,15 @@ def calibrate_win(
     data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None = None
 ) -> None:
     """Set the head's pooled win temperature and its per-pair calibration from `rows`."""
-    head.win_temperature_ = fit_win_temperature(data, head, X, rows, tokens)
-    head.win_pairs_ = fit_win_pairs(data, head, X, rows, tokens)
+    ability, _ = head.logits(X, tokens)  # once for both
+    head.win_temperature_ = fit_win_temperature(data, ability, rows)
+    head.win_pairs_ = fit_win_pairs(data, ability, rows)
 
 
-def fit_win_pairs(
-    data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None = None
-) -> list[WinPair]:
-    """Per-pair Platt calibration of the win probability on the training prompts: one
-    temperature cannot fit every pair (MMLU's correctness ties and AlpacaEval's judged
-    preferences sit on different scales)."""
-    ability, _ = head.logits(X, tokens)
+def fit_win_pairs(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray) -> list[WinPair]:
+    """Per-pair Platt calibration of the win probability on the training prompts (`ability`:
+    the head's logits on every row): one temperature cannot fit every pair (MMLU's correctness
+    ties and AlpacaEval's judged preferences sit on different scales)."""
     pairs = []
     for (a, b), (diff, outcome) in sorted(pairwise_by_pair(data, ability, rows).items()):
         if len(diff) >= MIN_PAIR_OUTCOMES:
