@@ -273,6 +273,7 @@ class LabeledDecisions:
     outcome: npt.NDArray[np.float32]  # (N,) the target: score if given, else success
     rework: npt.NDArray[np.bool_]  # (N,)
     cost_usd: npt.NDArray[np.float64]  # (N,)
+    prompt: list[str]  # the prompt where the profile stored it (`store_prompts`), else ""
 
     def __len__(self) -> int:
         return len(self.decision_id)
@@ -613,7 +614,7 @@ class DecisionLog:
         query = (
             sa.select(
                 d.decision_id, d.created_at, d.profile, d.model_version, d.model, d.tier_index, d.scores,
-                d.propensity, d.embedding, d.prompt_chars, d.encoder,
+                d.propensity, d.embedding, d.prompt_chars, d.encoder, d.prompt,
                 o.success, o.score, o.rework, o.cost_usd,
             )
             .join_from(decisions, outcomes)
@@ -658,4 +659,5 @@ class DecisionLog:
             outcome=np.where(np.isnan(score), success, score).astype(np.float32),
             rework=np.array([bool(r.rework) for r in kept], np.bool_),
             cost_usd=np.array([r.cost_usd for r in kept], np.float64),
+            prompt=[r.prompt or "" for r in kept],
         )

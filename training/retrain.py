@@ -28,6 +28,7 @@ from router.lexical import Lexicon, Tokens
 from router.policy import RequestContext, decide
 from router.profiles import Profile, ProfileError, load_profiles
 from router.scoring import LENGTH_CENTER, LENGTH_SCALE, length_features, sigmoid, tier_quality
+from router.tokenizer import RouterTokenizer
 from training import evaluate as E
 from training import fit as F
 from training.model import HEAD_FIELDS, Terms, WinRateHead
@@ -92,11 +93,12 @@ def logged_inputs(logged: LabeledDecisions) -> npt.NDArray[np.float32]:
     return np.hstack([logged.embedding, length_features(logged.prompt_chars)]).astype(np.float32)
 
 
-def no_words(n: int, vocab: int) -> Tokens:
-    """Tokens of n logged decisions: the log keeps no prompt text (only when a profile opts in, and
-    then not in the labeled view), so a head's lexical features see [CLS] [SEP] alone, i.e. none;
-    logged outcomes teach the embedding's part of the head."""
-    return Tokens(np.zeros((n, 2), np.int64), np.full(n, 2, np.int64), vocab)
+def logged_words(logged: LabeledDecisions, tokenizer: RouterTokenizer) -> Tokens:
+    """Tokens of logged decisions, for a head's lexical features: their prompts where the profile
+    stored them (`store_prompts`); the others tokenize to [CLS] [SEP] alone, i.e. no words, and
+    teach only the embedding's part of the head."""
+    enc = tokenizer.encode(logged.prompt)
+    return Tokens(enc.input_ids, enc.lengths, tokenizer.vocab_size)
 
 
 def logged_terms(logged: LabeledDecisions, base: Terms, models: list[str], weight: float) -> Terms:
@@ -187,13 +189,13 @@ class OnnxHead(WinRateHead):
 def run_onnx_head(
     session: Any, embedding: np.ndarray, chars: np.ndarray, lexicon: Lexicon | None = None, tokens: Tokens | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A head.onnx on embeddings and lengths; one with a lexicon also on the prompts' words
-    (`tokens`; none given: no words, as for logged decisions)."""
+    """A head.onnx on embeddings and lengths; one with a lexicon also on the prompts' words (`tokens`)."""
     feeds: dict[str, np.ndarray] = {
         "embedding": np.ascontiguousarray(embedding, np.float32), "prompt_chars": chars.astype(np.float32)
     }
     if lexicon is not None:
-        tokens = tokens or no_words(len(embedding), lexicon.vocab)
+        if tokens is None:
+            raise ValueError("this head reads the prompts' words: pass their tokens")
         feeds["lex_index"], feeds["lex_value"] = lexicon.features(tokens.input_ids, tokens.lengths)
     ability, difficulty = session.run(["ability", "difficulty"], feeds)
     return ability, difficulty
@@ -430,7 +432,7 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     extra = (
         logged_inputs(train_log),
         logged_terms(train_log, prep.terms, data.models, cfg.log_weight),
-        no_words(len(train_log), prep.tokens.vocab),
+        logged_words(train_log, live.tokenizer),
     )
     head = F.train_head(fit_cfg, prep, extra)
 
@@ -440,11 +442,14 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     seen = seen_prompts(prep, train_log, cfg.holdout_fold)
     eval_fold = np.where(seen, -1, prep.fold)
     profiles = read_profiles(cfg.profiles_path)
+    held_words = logged_words(held, live.tokenizer)  # both heads score the held-out logged decisions
+
     def candidate_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return head.logits(np.hstack([emb, length_features(chars)]), no_words(len(emb), prep.tokens.vocab))
+        assert len(emb) == len(held_words.lengths), "logged_metrics scores `held`. This is a bug."
+        return head.logits(np.hstack([emb, length_features(chars)]), held_words)
 
     def live_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return run_onnx_head(live.head, emb, chars, live.lexicon)
+        return run_onnx_head(live.head, emb, chars, live.lexicon, held_words)
 
     candidate = {
         "decision_log": logged_metrics(candidate_logits, data.models, held, cfg.ips_floor, profiles, context),

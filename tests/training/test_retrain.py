@@ -35,9 +35,11 @@ from training.retrain import (  # noqa: E402
     LoggedContext,
     describe_policy,
     gate,
+    logged_words,
     main,
     off_policy,
     policy_choices,
+    run_onnx_head,
     seen_prompts,
     time_split,
 )
@@ -207,7 +209,7 @@ def labeled_decisions(profiles: list[str], tier_index: list[int]) -> LabeledDeci
         tier_index=np.array(tier_index, np.int64), scores=[scores] * n, propensity=np.full(n, 0.5),
         embedding=np.zeros((n, 4), np.float32), prompt_chars=np.full(n, 100, np.float32),
         success=np.ones(n, np.float32), score=np.full(n, np.nan, np.float32), outcome=np.ones(n, np.float32),
-        rework=np.zeros(n, bool), cost_usd=np.zeros(n),
+        rework=np.zeros(n, bool), cost_usd=np.zeros(n), prompt=[""] * n,
     )  # fmt: skip
 
 
@@ -248,3 +250,21 @@ def test_base_figures_leave_out_prompts_the_candidate_learned_from_the_log():
         log, embedding=emb[[0, 2, 3]].astype(np.float16).astype(np.float32), prompt_chars=np.array([10, 11, 12.0])
     )
     assert seen_prompts(prep, log, holdout_fold=0).tolist() == [True, False, False, False]  # type: ignore[arg-type]
+
+
+def test_logged_prompts_give_their_words_to_a_lexical_head_and_the_rest_none(loaded_model):
+    from router.lexical import Lexicon
+
+    logged = dataclasses.replace(
+        labeled_decisions(["p", "p"], [0, 1]), prompt=["Which of the following is a prime number?", ""]
+    )
+    words = logged_words(logged, loaded_model.tokenizer)
+    lexicon: Lexicon = loaded_model.lexicon
+    index, value = lexicon.features(words.input_ids, words.lengths)
+    assert (index[0] < lexicon.size).sum() > 3  # a stored prompt: its pieces and pairs
+    assert (index[1] == lexicon.size).all() and (value[1] == 0).all()  # not stored: no words
+    emb, chars = np.zeros((2, 384), np.float32), np.full(2, 40.0, np.float32)
+    with_words = run_onnx_head(loaded_model.head, emb, chars, lexicon, words)[0]
+    assert not np.allclose(with_words[0], with_words[1])
+    with pytest.raises(ValueError, match="words"):
+        run_onnx_head(loaded_model.head, emb, chars, lexicon)

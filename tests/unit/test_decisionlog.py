@@ -227,6 +227,7 @@ def test_the_prompt_is_kept_only_when_opted_in_and_the_hash_is_salted(db_url: st
 def test_labeled_returns_decisions_with_outcomes_as_arrays(db_url: str) -> None:
     with DecisionLog(db_url, salt="s") as log:
         recs = [make_decision(log, f"d{i}", seconds=i, propensity=0.5 if i == 3 else 1.0) for i in range(5)]
+        recs[1] = make_decision(log, "d1", seconds=1, text="kept prompt", prompt="kept prompt")  # store_prompts
         for rec in recs:
             log.record(rec)
         log.report_outcome(OutcomeRecord(decision_id="d3", score=0.75))
@@ -245,6 +246,7 @@ def test_labeled_returns_decisions_with_outcomes_as_arrays(db_url: str) -> None:
         assert log.labeled(limit=2).decision_id == ["d1", "d3"]  # the newest two
         assert log.labeled(since=T0 + dt.timedelta(seconds=0.5)).decision_id == ["d1", "d3"]
         assert got.take(np.array([2, 0])).decision_id == ["d3", "d0"]
+        assert got.prompt == ["", "kept prompt", ""]  # where the profile stored it
 
 
 def test_a_log_made_before_the_encoder_column_gains_it_and_labeled_filters_by_encoder(db_url: str) -> None:
