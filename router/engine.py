@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
 
 from router.artifacts import ArtifactError, LoadedModel, Stage
 from router.policy import Choice, RequestContext, decide, settled_within
@@ -28,6 +29,23 @@ log = logging.getLogger(__name__)
 WinParams = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
 Lexical = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]  # router.lexical.Lexicon.features
 PAD_RATIO = 1.3  # longest / shortest prompt in one encoder run
+
+
+def run_head(
+    session: ort.InferenceSession,
+    embedding: npt.NDArray[np.float32],
+    prompt_chars: npt.NDArray[np.float32],
+    lexical: Lexical | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """A head.onnx forward: ability (B, M) and difficulty (B,); `lexical` for a head that reads words."""
+    feeds: dict[str, np.ndarray] = {
+        "embedding": np.ascontiguousarray(embedding, np.float32),
+        "prompt_chars": np.asarray(prompt_chars, np.float32),
+    }
+    if lexical is not None:
+        feeds["lex_index"], feeds["lex_value"] = lexical
+    ability, difficulty = session.run(["ability", "difficulty"], feeds)
+    return ability, difficulty
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +159,8 @@ class RoutingEngine:
         stage = stage or self.main
         if stage.lexicon is None:
             return None
-        enc = stage.tokenizer.encode(texts, keep)
-        return stage.lexicon.features(enc.input_ids, enc.lengths)
+        tokens = stage.tokenizer.tokens(texts, keep)
+        return stage.lexicon.features(tokens.input_ids, tokens.lengths)
 
     def score(
         self,
@@ -153,15 +171,9 @@ class RoutingEngine:
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """Head forward: per-model ability logits (B, M) and the prompt's difficulty (B,)."""
         stage = stage or self.main
-        feeds: dict[str, npt.NDArray[np.float32] | npt.NDArray[np.int64]] = {
-            "embedding": embedding, "prompt_chars": prompt_chars
-        }
-        if stage.lexicon is not None:
-            if lexical is None:
-                raise ValueError(f"the head of {self.version} reads lexical features: pass them (embed, lexical)")
-            feeds["lex_index"], feeds["lex_value"] = lexical
-        ability, difficulty = stage.head.run(["ability", "difficulty"], feeds)
-        return ability, difficulty
+        if stage.lexicon is not None and lexical is None:
+            raise ValueError(f"the head of {self.version} reads lexical features: pass them (embed, lexical)")
+        return run_head(stage.head, embedding, prompt_chars, lexical)
 
     def _cascades(self, profile: Profile) -> bool:
         if profile.cascade_margin is None:

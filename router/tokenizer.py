@@ -18,6 +18,8 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
+from router.lexical import Tokens
+
 Keep = Literal["head", "tail"]
 
 
@@ -70,6 +72,11 @@ class RouterTokenizer:
             input_ids[row, : len(seq)] = seq
         attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         return Encoded(input_ids, attention_mask, lengths, full)
+
+    def tokens(self, texts: Sequence[str], keep: Sequence[Keep] | None = None) -> Tokens:
+        """The texts' word pieces as the encoder sees them, for a head's lexical features."""
+        enc = self.encode(texts, keep)
+        return Tokens(enc.input_ids, enc.lengths, self.vocab_size)
 
     def count(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
         """Token counts after truncation (for length buckets and logs)."""

@@ -46,8 +46,7 @@ class Embedder:
 
     def tokens(self, texts: list[str]) -> Tokens:
         """The texts' word pieces as the encoder (and a head's lexical features) see them."""
-        enc = self.tokenizer.encode(texts)
-        return Tokens(enc.input_ids, enc.lengths, self.tokenizer.vocab_size)
+        return self.tokenizer.tokens(texts)
 
     def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
         """(len(texts), dim) embeddings; texts already in the cache are not recomputed."""

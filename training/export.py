@@ -25,6 +25,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from router.artifacts import make_session, sha256_file
+from router.engine import run_head
 from router.lexical import Tokens
 from router.scoring import LENGTH_CENTER, LENGTH_FEATURES, LENGTH_SCALE, length_features
 
@@ -926,12 +927,12 @@ def export_head(
         None if lexicon is None else head.lexical_weight_,
     )
     sess = make_session(model.SerializeToString(), providers=["CPUExecutionProvider"], intra_op_threads=1)
-    feeds = {"embedding": embedding.astype(np.float32), "prompt_chars": chars.astype(np.float32)}
+    lexical = None
     if lexicon is not None:
         if tokens is None:
             raise ValueError("a head with lexical features is checked on the prompts' tokens")
-        feeds["lex_index"], feeds["lex_value"] = lexicon.features(tokens.input_ids, tokens.lengths)
-    ability, difficulty = sess.run(["ability", "difficulty"], feeds)
+        lexical = lexicon.features(tokens.input_ids, tokens.lengths)
+    ability, difficulty = run_head(sess, embedding, chars, lexical)
     want_a, want_d = head.logits(np.hstack([embedding, length_features(chars)]), tokens)
     diff = float(max(np.abs(ability - want_a).max(), np.abs(difficulty - want_d).max()))
     if not diff <= HEAD_PARITY_TOL:

@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from router.artifacts import MANIFEST, LoadedModel, load_model, read_manifest, resolve_model_dir
 from router.decisionlog import DecisionLog, LabeledDecisions, decisions
+from router.engine import run_head
 from router.lexical import Lexicon, Tokens
 from router.policy import RequestContext, decide
 from router.profiles import Profile, ProfileError, load_profiles
@@ -97,8 +98,7 @@ def logged_words(logged: LabeledDecisions, tokenizer: RouterTokenizer) -> Tokens
     """Tokens of logged decisions, for a head's lexical features: their prompts where the profile
     stored them (`store_prompts`); the others tokenize to [CLS] [SEP] alone, i.e. no words, and
     teach only the embedding's part of the head."""
-    enc = tokenizer.encode(logged.prompt)
-    return Tokens(enc.input_ids, enc.lengths, tokenizer.vocab_size)
+    return tokenizer.tokens(logged.prompt)
 
 
 def logged_terms(logged: LabeledDecisions, base: Terms, models: list[str], weight: float) -> Terms:
@@ -190,15 +190,12 @@ def run_onnx_head(
     session: Any, embedding: np.ndarray, chars: np.ndarray, lexicon: Lexicon | None = None, tokens: Tokens | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """A head.onnx on embeddings and lengths; one with a lexicon also on the prompts' words (`tokens`)."""
-    feeds: dict[str, np.ndarray] = {
-        "embedding": np.ascontiguousarray(embedding, np.float32), "prompt_chars": chars.astype(np.float32)
-    }
+    lexical = None
     if lexicon is not None:
         if tokens is None:
             raise ValueError("this head reads the prompts' words: pass their tokens")
-        feeds["lex_index"], feeds["lex_value"] = lexicon.features(tokens.input_ids, tokens.lengths)
-    ability, difficulty = session.run(["ability", "difficulty"], feeds)
-    return ability, difficulty
+        lexical = lexicon.features(tokens.input_ids, tokens.lengths)
+    return run_head(session, embedding, chars, lexical)
 
 
 def logged_metrics(
