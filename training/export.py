@@ -16,7 +16,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -596,7 +596,7 @@ STATIC_NAME = "all-MiniLM-L6-v2-m2v"
 STATIC_DISTILLER = "model2vec"  # PyPI name, for the version in the record
 STATIC_DEFAULT_PCA_DIMS = 256
 STATIC_DEFAULT_MAX_TOKENS = 512  # a table lookup per token: long prompts cost next to nothing
-STATIC_MIN_MEAN_COSINE = 0.999  # same function, float16 table: anything less is a bug
+STATIC_MIN_MEAN_COSINE = 0.999  # same function, float16 or int8 table: anything less is a bug
 # model2vec tokenizes without [CLS]/[SEP] and drops [UNK]. The served tokenizer adds [CLS] and
 # [SEP] (so token counts and truncation mean what they mean for MiniLM); these rows are zero,
 # so they add nothing to the sum, exactly as if they were absent.
@@ -604,16 +604,26 @@ STATIC_SPECIALS = ("[CLS]", "[SEP]")
 UNK_TOKEN = "[UNK]"
 NORM_EPS = 1e-12
 PcaDims = int | Literal["auto"] | None  # PCA components; "auto": all of them; None: no PCA
+StaticDtype = Literal["int8", "float16"]
+STATIC_DEFAULT_DTYPE: StaticDtype = "int8"  # a quarter of float32; the parity check below still holds
 
 
-def static_encoder_graph(table: np.ndarray, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def static_encoder_graph(
+    table: np.ndarray, opset: int = DEFAULT_OPSET, scales: np.ndarray | None = None
+) -> onnx.ModelProto:
     """input_ids, attention_mask (B, T) -> embedding (B, dim): the L2-normalized sum of the
     table rows of the unmasked tokens. Normalizing makes sum and mean the same vector, so
-    the count never enters. A float16 table is gathered, then cast: the file stays half size."""
+    the count never enters. A float16 or int8 table is gathered, then cast, so the file stays
+    half or a quarter of float32's size; an int8 table's rows are `scales` x its values, and
+    the scale joins the mask as the token's weight in the sum."""
     from onnx import TensorProto, helper, numpy_helper
 
-    if table.ndim != 2 or table.dtype not in (np.float16, np.float32):
-        raise ValueError(f"table must be (vocab, dim) float16 or float32, got {table.shape} {table.dtype}")
+    if table.ndim != 2 or table.dtype not in (np.float16, np.float32, np.int8):
+        raise ValueError(f"table must be (vocab, dim) float16, float32 or int8, got {table.shape} {table.dtype}")
+    if (table.dtype == np.int8) != (scales is not None):
+        raise ValueError("an int8 table needs its row scales, and only an int8 table takes them")
+    if scales is not None and (scales.shape != (table.shape[0],) or scales.dtype != np.float32):
+        raise ValueError(f"scales must be ({table.shape[0]},) float32, got {scales.shape} {scales.dtype}")
     if opset >= 18:  # ReduceL2 takes axes as an input from opset 18 on
         raise ValueError(f"static_encoder_graph writes opset <= 17, got {opset}")
     dim = int(table.shape[1])
@@ -622,13 +632,21 @@ def static_encoder_graph(table: np.ndarray, opset: int = DEFAULT_OPSET) -> onnx.
         numpy_helper.from_array(np.array([1], np.int64), "axis1"),
         numpy_helper.from_array(np.array(NORM_EPS, np.float32), "eps"),
     ]
-    gathered = "tokens" if table.dtype == np.float32 else "tokens16"
+    gathered = "tokens" if table.dtype == np.float32 else "tokens_stored"
     nodes = [helper.make_node("Gather", ["table", "input_ids"], [gathered], axis=0)]  # (B, T, dim)
-    if table.dtype == np.float16:
-        nodes.append(helper.make_node("Cast", ["tokens16"], ["tokens"], to=TensorProto.FLOAT))
+    if table.dtype != np.float32:
+        nodes.append(helper.make_node("Cast", ["tokens_stored"], ["tokens"], to=TensorProto.FLOAT))
+    nodes.append(helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT))  # (B, T)
+    weight = "mask"
+    if scales is not None:
+        inits.append(numpy_helper.from_array(scales, "scales"))
+        nodes += [
+            helper.make_node("Gather", ["scales", "input_ids"], ["token_scale"], axis=0),  # (B, T)
+            helper.make_node("Mul", ["mask", "token_scale"], ["weight"]),
+        ]
+        weight = "weight"
     nodes += [
-        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),  # (B, T)
-        helper.make_node("Unsqueeze", ["mask", "axis1"], ["mask3"]),  # (B, 1, T)
+        helper.make_node("Unsqueeze", [weight, "axis1"], ["mask3"]),  # (B, 1, T)
         helper.make_node("MatMul", ["mask3", "tokens"], ["summed3"]),  # (B, 1, dim)
         helper.make_node("Squeeze", ["summed3", "axis1"], ["summed"]),  # (B, dim)
         helper.make_node("ReduceL2", ["summed"], ["norm"], axes=[1], keepdims=1),  # (B, 1)
@@ -696,6 +714,16 @@ def static_table(vectors: np.ndarray, vocab_size: int, zero_ids: Sequence[int]) 
     return table
 
 
+def quantize_rows(table: np.ndarray) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
+    """Symmetric int8 per row: table ~= scales[:, None] * q, |q| <= 127; zero rows stay zero."""
+    t = table.astype(np.float32)
+    peak = np.abs(t).max(axis=1)
+    scales = (peak / 127.0).astype(np.float32)
+    safe = np.where(scales > 0, scales, 1.0)[:, None]
+    q = np.clip(np.rint(t / safe), -127, 127).astype(np.int8)
+    return q, scales
+
+
 def distill_static(pca_dims: PcaDims) -> Any:
     """model2vec.StaticModel distilled on CPU from the package's MiniLM, default vocabulary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -726,9 +754,11 @@ def export_static_encoder(
     opset: int = DEFAULT_OPSET,
     data_dir: Path = DEFAULT_DATA_DIR,
     static_model: Any = None,
+    table_dtype: StaticDtype = STATIC_DEFAULT_DTYPE,
 ) -> dict[str, Any]:
     """Distill a model2vec static model from all-MiniLM-L6-v2 (or take `static_model`), write it
     as encoder.onnx + tokenizer.json + encoder.json into out_dir; returns the encoder.json record.
+    `table_dtype`: how the lookup table is stored (int8: one float32 scale per row).
 
     Raises EncoderParityError (writing nothing) if the graph's mean cosine to
     StaticModel.encode on real prompts is below STATIC_MIN_MEAN_COSINE.
@@ -743,10 +773,13 @@ def export_static_encoder(
         raise ValueError("the static encoder graph computes normalized mean pooling; the model does not")
     tokenizer, zero_ids = static_tokenizer(static_model.tokenizer)
     table = static_table(static_vectors(static_model), tokenizer.get_vocab_size(), zero_ids)
+    if table_dtype not in get_args(StaticDtype):
+        raise ValueError(f"table_dtype must be one of {get_args(StaticDtype)}, got {table_dtype!r}")
+    stored, scales = quantize_rows(table) if table_dtype == "int8" else (table, None)
 
     with tempfile.TemporaryDirectory(prefix="static-export-") as tmp:
         onnx_path, tok_path = Path(tmp) / "encoder.onnx", Path(tmp) / "tokenizer.json"
-        onnx.save(static_encoder_graph(table, opset), str(onnx_path))
+        onnx.save(static_encoder_graph(stored, opset, scales), str(onnx_path))
         tokenizer.save(str(tok_path))
 
         # model2vec counts max_length without specials; the served max_tokens counts [CLS] and [SEP]
@@ -793,7 +826,7 @@ def export_static_encoder(
                 "sif_coefficient": config.get("sif_coefficient"),
                 "vocabulary": "the base model's own",
                 "vocab_size": int(table.shape[0]),
-                "table_dtype": "float16",
+                "table_dtype": table_dtype,
             },
             "opset": file_opset,
             "inputs": inputs,
@@ -963,7 +996,8 @@ def _cmd_encoder(args: argparse.Namespace) -> int:
 
 def _cmd_static(args: argparse.Namespace) -> int:
     return _print_record(lambda: export_static_encoder(
-        args.out, pca_dims=args.pca_dims, max_tokens=args.max_tokens, opset=args.opset, data_dir=args.data_dir
+        args.out, pca_dims=args.pca_dims, max_tokens=args.max_tokens, opset=args.opset, data_dir=args.data_dir,
+        table_dtype=args.table_dtype,
     ))
 
 
@@ -991,6 +1025,8 @@ def _parser() -> argparse.ArgumentParser:
         help="PCA dimensions of the token vectors; 'auto': PCA kept at 384; 'none': no PCA",
     )
     static.add_argument("--max-tokens", type=int, default=STATIC_DEFAULT_MAX_TOKENS)
+    static.add_argument("--table-dtype", choices=get_args(StaticDtype), default=STATIC_DEFAULT_DTYPE,
+                        help="how the token table is stored; int8 keeps one float32 scale per row")
     static.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     static.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder with the parity JSONL files")
     static.set_defaults(handler=_cmd_static)
