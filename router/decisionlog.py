@@ -604,12 +604,14 @@ class DecisionLog:
                 yield _decision_from_row(row)
 
     def labeled(
-        self, since: dt.datetime | None = None, limit: int | None = None, encoder: str | None = None
+        self, since: dt.datetime | None = None, limit: int | None = None, encoder: str | None = None,
+        *, exact: bool = False,
     ) -> LabeledDecisions:
         """Decisions that have an outcome, oldest first: those made at or after `since`, and of
-        those the newest `limit`. With `encoder`, only rows embedded by that encoder (or logged
-        before the log named encoders) are kept; rows whose embedding size differs from the
-        newest kept row's (an older encoder) are left out too, with a warning."""
+        those the newest `limit`. With `encoder`, only rows embedded by that encoder (or, unless
+        `exact`, logged before the log named encoders, which a cascade's first stage never made)
+        are kept; rows whose embedding size differs from the newest kept row's (an older
+        encoder) are left out too, with a warning."""
         d, o = decisions.c, outcomes.c
         query = (
             sa.select(
@@ -627,10 +629,10 @@ class DecisionLog:
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()[::-1]
         if encoder is not None:
-            mine = [r for r in rows if r.encoder in ("", encoder)]
+            mine = [r for r in rows if r.encoder == encoder or (r.encoder == "" and not exact)]
             if len(mine) < len(rows):
                 log.warning(
-                    "left out %d logged outcomes embedded by another encoder than %s (a cascade's first stage)",
+                    "left out %d logged outcomes embedded by another encoder than %s (the other stage of a cascade)",
                     len(rows) - len(mine), encoder,
                 )
             rows = mine

@@ -407,11 +407,8 @@ def prepare(cfg: FitConfig) -> Prepared:
     log.info("%d prompts, %d outcome terms, %d models", data.n_rows, len(terms.target), len(data.models))
 
     # 2. embeddings through the serving encoder (cached by the encoder's hash)
-    enc_dir = Path(cfg.encoder_dir)
-    encoder_meta = json.loads((enc_dir / "encoder.json").read_text("utf-8"))
-    embedder = Embedder(enc_dir / "encoder.onnx", enc_dir / "tokenizer.json", int(encoder_meta["max_tokens"]))
-    X = head_inputs(embedder.embed(data.prompts), data.prompts)  # (N, dim + 2)
-    return Prepared(data, terms, X, D.folds(data.prompts, cfg.k_folds), encoder_meta, embedder.tokens(data.prompts))
+    encoder_meta, X, tokens = stage_inputs(Path(cfg.encoder_dir), data)  # X: (N, dim + 2)
+    return Prepared(data, terms, X, D.folds(data.prompts, cfg.k_folds), encoder_meta, tokens)
 
 
 def append_rows(X: np.ndarray, terms: Terms, X_extra: np.ndarray, extra: Terms) -> tuple[np.ndarray, Terms]:
@@ -448,15 +445,20 @@ def train_head(
     return head
 
 
+def stage_inputs(enc_dir: Path, data: D.RoutingData) -> tuple[dict[str, Any], np.ndarray, Tokens]:
+    """An encoder folder's record, and `data`'s prompts through it: head inputs and word pieces."""
+    meta = json.loads((enc_dir / "encoder.json").read_text("utf-8"))
+    embedder = Embedder(enc_dir / "encoder.onnx", enc_dir / "tokenizer.json", int(meta["max_tokens"]))
+    return meta, head_inputs(embedder.embed(data.prompts), data.prompts), embedder.tokens(data.prompts)
+
+
 def fit_cascade(
     cfg: FitConfig, data: D.RoutingData, terms: Terms, fold: np.ndarray
 ) -> tuple[CascadeStage, dict[str, Any]]:
     """The cascade's first stage: the same head config on cfg.cascade_encoder_dir's embeddings,
     the same folds; and its held-out figures."""
     enc_dir = Path(cfg.cascade_encoder_dir)
-    meta = json.loads((enc_dir / "encoder.json").read_text("utf-8"))
-    embedder = Embedder(enc_dir / "encoder.onnx", enc_dir / "tokenizer.json", int(meta["max_tokens"]))
-    X, tokens = head_inputs(embedder.embed(data.prompts), data.prompts), embedder.tokens(data.prompts)
+    meta, X, tokens = stage_inputs(enc_dir, data)
     head = train_head(cfg, Prepared(data, terms, X, fold, meta, tokens))
     metrics = heldout_metrics(data, terms, head, X, fold, cfg, tokens)
     return CascadeStage(enc_dir, meta, head, X, tokens), metrics

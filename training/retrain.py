@@ -46,7 +46,8 @@ APGR_PATH = ("mmlu_routing", "router_floor", "apgr")  # serving's floor rule, MM
 GATE_RULE = (
     f"promote iff, on the held-out (newest) logged outcomes, log loss <= live + {LOG_LOSS_SLACK} and "
     f"ECE <= max(live ECE + {ECE_SLACK}, {ECE_CEILING}); and, on the base data's held-out fold, "
-    f"APGR (MMLU strong/weak pair, quality-floor rule) >= live - {APGR_SLACK} (skipped without MMLU)"
+    f"APGR (MMLU strong/weak pair, quality-floor rule) >= live - {APGR_SLACK} (skipped without MMLU); "
+    "a refitted cascade first stage passes the same log checks on the held-out decisions it made"
 )
 
 Logits = Callable[[npt.NDArray[np.float32], npt.NDArray[np.float32]], tuple[np.ndarray, np.ndarray]]
@@ -118,9 +119,12 @@ def logged_terms(logged: LabeledDecisions, base: Terms, models: list[str], weigh
     )
 
 
-def usable(logged: LabeledDecisions, models_root: Path, encoder_sha256: str, *known: list[str]) -> LabeledDecisions:
+def usable(
+    logged: LabeledDecisions, models_root: Path, encoder_sha256: str, *known: list[str], first_stage: bool = False
+) -> LabeledDecisions:
     """The rows both heads can learn from and be compared on: the chosen model is known to each
-    head in `known`, and the decision's model version (when on disk) used this encoder."""
+    head in `known`, and the decision's model version (when on disk) used this encoder (as its
+    cascade's first stage, with `first_stage`)."""
     keep = np.ones(len(logged), bool)
     for models in known:
         keep &= np.isin(logged.model, models)
@@ -128,7 +132,9 @@ def usable(logged: LabeledDecisions, models_root: Path, encoder_sha256: str, *kn
         log.warning("left out %d logged outcomes of models the heads do not know", int((~keep).sum()))
     for version in set(logged.model_version):
         try:
-            sha = read_manifest(models_root / version).encoder.sha256
+            manifest = read_manifest(models_root / version)
+            stage = manifest.cascade if first_stage else manifest
+            sha = stage.encoder.sha256 if stage is not None else ""
         except Exception:
             log.warning("model version %s is not in %s; its embeddings are assumed comparable", version, models_root)
             continue
@@ -366,22 +372,104 @@ def dig(metrics: dict[str, Any], path: tuple[str, ...]) -> float | None:
     return float(metrics)  # type: ignore[arg-type]
 
 
+def log_checks(c: dict[str, Any], lv: dict[str, Any], label: str = "") -> list[tuple[bool, str]]:
+    """The held-out log's part of GATE_RULE: log loss and ECE of a candidate head against live."""
+    ece_bar = max(lv["ece"] + ECE_SLACK, ECE_CEILING)
+    return [
+        (c["log_loss"] <= lv["log_loss"] + LOG_LOSS_SLACK,
+         f"{label}log loss   {c['log_loss']:.4f} <= {lv['log_loss']:.4f} + {LOG_LOSS_SLACK}"),
+        (c["ece"] <= ece_bar, f"{label}ECE        {c['ece']:.4f} <= max({lv['ece']:.4f} + {ECE_SLACK}, {ECE_CEILING})"),
+    ]  # fmt: skip
+
+
 def gate(candidate: dict[str, Any], live: dict[str, Any]) -> tuple[bool, list[str]]:
     """GATE_RULE applied: (promote, one line per check). A NaN or missing figure fails its check,
     except APGR, which is skipped when either side has none (no MMLU in the base data)."""
-    c, lv = candidate["decision_log"], live["decision_log"]
-    ece_bar = max(lv["ece"] + ECE_SLACK, ECE_CEILING)
-    checks = [
-        (c["log_loss"] <= lv["log_loss"] + LOG_LOSS_SLACK,
-         f"log loss   {c['log_loss']:.4f} <= {lv['log_loss']:.4f} + {LOG_LOSS_SLACK}"),
-        (c["ece"] <= ece_bar, f"ECE        {c['ece']:.4f} <= max({lv['ece']:.4f} + {ECE_SLACK}, {ECE_CEILING})"),
-    ]  # fmt: skip
+    checks = log_checks(candidate["decision_log"], live["decision_log"])
+    if "first_stage" in candidate:  # a refitted cascade first stage, on the decisions it made
+        checks += log_checks(candidate["first_stage"], live["first_stage"], "first stage: ")
     ca, la = dig(candidate.get("base", {}), APGR_PATH), dig(live.get("base", {}), APGR_PATH)
     if ca is None or la is None:
         lines = [f"[{'pass' if ok else 'FAIL'}] {text}" for ok, text in checks]
         return all(ok for ok, _ in checks), [*lines, "[skip] APGR: no base-data figures for both heads"]
     checks.append((ca >= la - APGR_SLACK, f"base APGR  {ca:.4f} >= {la:.4f} - {APGR_SLACK}"))
     return all(ok for ok, _ in checks), [f"[{'pass' if ok else 'FAIL'}] {text}" for ok, text in checks]
+
+
+# -- a cascade's first stage -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FirstStageRefit:
+    """A live cascade's first stage refitted on the base data plus the logged outcomes of the
+    decisions it made (their embeddings are its encoder's, which the main head cannot read)."""
+
+    stage: F.CascadeStage
+    trained: LabeledDecisions
+    held: LabeledDecisions
+    candidate: dict[str, Any]  # logged_metrics on `held`
+    live: dict[str, Any]
+
+
+def first_stage_encoder(cfg: RetrainConfig, sha256: str) -> Path | None:
+    """The encoder folder of the live first stage: --cascade-encoder-dir, else the folder under
+    models/encoder whose encoder.json records the same sha256 (e.g. `make model-static`'s)."""
+    if cfg.cascade_encoder_dir:
+        return Path(cfg.cascade_encoder_dir)
+    for meta in sorted((F.REPO / "models" / "encoder").glob("*/encoder.json")):
+        if json.loads(meta.read_text("utf-8")).get("sha256") == sha256:
+            return meta.parent
+    return None
+
+
+def refit_first_stage(
+    cfg: RetrainConfig, url: str, live: LoadedModel, prep: F.Prepared, models_root: Path,
+    profiles: Mapping[str, Profile],
+) -> tuple[FirstStageRefit | None, str]:
+    """The refitted first stage, or None and why the live one is kept unchanged."""
+    spec, first = live.manifest.cascade, live.first_stage
+    if spec is None or first is None:
+        return None, ""
+    enc_dir = first_stage_encoder(cfg, spec.encoder.sha256)
+    if enc_dir is None:
+        return None, (f"its encoder {spec.encoder.name} ({spec.encoder.sha256[:12]}) is not under models/encoder "
+                      "(make model-static) nor given by --cascade-encoder-dir")  # fmt: skip
+    meta = json.loads((enc_dir / "encoder.json").read_text("utf-8"))
+    if meta["sha256"] != spec.encoder.sha256:
+        return None, f"{enc_dir} is another encoder than the live first stage's ({spec.encoder.name})"
+    with DecisionLog(url) as decision_log:
+        logged = decision_log.labeled(encoder=spec.encoder.name, exact=True)
+        exploring = [d for d, p in zip(logged.decision_id, logged.propensity.tolist(), strict=True) if p < 1.0]
+        context = logged_contexts(decision_log, exploring)
+    data = prep.data
+    logged = usable(logged, models_root, spec.encoder.sha256, data.models, live.models, first_stage=True)
+    if len(logged) < max(cfg.min_outcomes, 2):
+        return None, f"{len(logged)} logged outcomes of its decisions, fewer than --min-outcomes {cfg.min_outcomes}"
+    if logged.embedding.shape[1] != spec.encoder.dim:
+        raise ValueError(f"first-stage logged embeddings are {logged.embedding.shape[1]}-d, "
+                         f"its encoder's {spec.encoder.dim}")  # fmt: skip
+    train_idx, hold_idx = time_split(len(logged), cfg.holdout_frac)
+    trained, held = logged.take(train_idx), logged.take(hold_idx)
+    meta, X, tokens = F.stage_inputs(enc_dir, data)
+    extra = (
+        logged_inputs(trained),
+        logged_terms(trained, prep.terms, data.models, cfg.log_weight),
+        logged_words(trained, first.tokenizer),
+    )
+    head = F.train_head(cfg.fit_config(), F.Prepared(data, prep.terms, X, prep.fold, meta, tokens), extra)
+    held_words = logged_words(held, first.tokenizer)
+
+    def candidate_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return head.logits(np.hstack([emb, length_features(chars)]), held_words)
+
+    def live_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return run_onnx_head(first.head, emb, chars, first.lexicon, held_words)
+
+    return FirstStageRefit(
+        F.CascadeStage(enc_dir, meta, head, X, tokens), trained, held,
+        logged_metrics(candidate_logits, data.models, held, cfg.ips_floor, profiles, context),
+        logged_metrics(live_logits, live.models, held, cfg.ips_floor, profiles, context),
+    ), ""  # fmt: skip
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -460,14 +548,21 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         live_metrics["base"] = F.heldout_metrics(data, prep.terms, live_head, prep.X, eval_fold, fit_cfg, prep.tokens)
     except ValueError as e:
         log.warning("no base-data figures for the live model (%s)", e)
+    refit, kept_why = refit_first_stage(cfg, url, live, prep, models_root, profiles)
+    if refit is not None:
+        candidate["first_stage"], live_metrics["first_stage"] = refit.candidate, refit.live
+    elif kept_why:
+        log.warning("the live cascade first stage is kept unchanged: %s", kept_why)
     promote, checks = gate(candidate, live_metrics)
 
     # 5. the candidate's name: its fit config and data, plus the logged outcomes it learned from
     digest = hashlib.sha256()
     digest.update(F.result_hash(fit_cfg, data, prep.encoder_meta).encode())
     digest.update(f"log_weight={cfg.log_weight};".encode())
-    for d, y in zip(train_log.decision_id, train_log.outcome.tolist(), strict=True):
-        digest.update(f"{d}:{y};".encode())
+    first_trained = refit.trained if refit is not None else None
+    for part in (train_log, first_trained):
+        for d, y in zip(part.decision_id, part.outcome.tolist(), strict=True) if part is not None else ():
+            digest.update(f"{d}:{y};".encode())
     version = cfg.version or f"{dt.date.today():%Y%m%d}-{digest.hexdigest()[:8]}"
     window = {
         "from_log": redact(url),
@@ -482,6 +577,14 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         "base_heldout_left_out": int(seen.sum()),
         "profiles_path": cfg.profiles_path,
     }
+    if refit is not None:
+        window["first_stage"] = {
+            "encoder": refit.stage.encoder_meta["name"],
+            "outcomes_trained": len(refit.trained),
+            "outcomes_held_out": len(refit.held),
+        }
+    elif kept_why:
+        window["first_stage"] = {"kept": kept_why}
     result |= {
         "live_version": live.version,
         "candidate_version": version,
@@ -496,13 +599,16 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
 
     # 6. tracked: both heads' figures; a promoted candidate is written, pointed at and registered
     manifest_metrics = candidate["base"] | {"decision_log": candidate["decision_log"], "promotion_gate": checks}
+    if "first_stage" in candidate:
+        manifest_metrics["first_stage_decision_log"] = candidate["first_stage"]
     write_cfg = dataclasses.replace(fit_cfg, version=version, set_default=True)
     provenance = {"decision_log": window}
 
     def publish(run_id: str | None) -> Path:
         return F.write_version(
             write_cfg, data, head, prep.X, manifest_metrics, prep.encoder_meta, run_id, provenance=provenance,
-            keep_cascade_from=live_dir,  # the live version's cascade stage, if it has one, unchanged
+            cascade=refit.stage if refit is not None else None,
+            keep_cascade_from=None if refit is not None else live_dir,  # else the live cascade stage, unchanged
             tokens=prep.tokens,
         )
 
@@ -555,6 +661,15 @@ def report(result: dict[str, Any]) -> str:
             continue
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         lines.append(f"  {name:26}{fmt(a):>28}{fmt(b):>30}")
+    if "first_stage" in c:
+        f = w["first_stage"]
+        lines.append(f"  cascade first stage ({f['encoder']}), refitted on the {f['outcomes_trained']} older "
+                     f"outcomes of its decisions, held out the newest {f['outcomes_held_out']}:")  # fmt: skip
+        for name, key in (("log loss", "log_loss"), ("ECE", "ece"), ("AUC", "auc")):
+            a, b = lv["first_stage"][key], c["first_stage"][key]
+            lines.append(f"    {name + ' (held-out log)':24}{a:>28.4f}{b:>30.4f}")
+    elif "kept" in w.get("first_stage", {}):
+        lines.append(f"  cascade first stage kept unchanged: {w['first_stage']['kept']}")
     if w.get("base_heldout_left_out"):
         lines.append(f"  (base figures leave out {w['base_heldout_left_out']} held-out prompts the candidate "
                      "learned from the log)")
@@ -586,6 +701,11 @@ def main(argv: list[str] | None = None) -> int:
     ):  # fmt: skip
         flag, kind = "--" + name.replace("_", "-"), F.arg_type(RetrainConfig, name)
         p.add_argument(flag, type=kind, default=getattr(defaults, name))
+    p.add_argument(
+        "--cascade-encoder-dir", default="",
+        help="the live cascade first stage's encoder folder, to refit that stage on the decisions it made "
+        "(default: the folder under models/encoder with its sha256; without one the stage is kept unchanged)",
+    )  # fmt: skip
     F.add_no_lexical(p)
     args = vars(p.parse_args(argv))
     args["datasets"] = [d for d in args["datasets"].split(",") if d]

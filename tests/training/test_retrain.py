@@ -51,15 +51,17 @@ WEAK, STRONG = "mixtral-8x7b-instruct-v0.1", D.REFERENCE_MODEL
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 
 
-def write_log(url: str, data_dir: Path, model_version: str, n: int = 400, seed: int = 0) -> None:
+def write_log(url: str, data_dir: Path, model_version: str, n: int = 400, seed: int = 0,
+              encoder_dir: Path = ENCODER, encoder: str = "", prefix: str = "d") -> None:
     """n decisions on real MMLU prompts the base data leaves out (random subjects), a strong/weak pair, with the
-    real label of the chosen model as the outcome. The newer half explores (epsilon 0.5)."""
+    real label of the chosen model as the outcome. The newer half explores (epsilon 0.5). Embedded by
+    `encoder_dir`, logged as made by `encoder` ("": unnamed, as before the log named encoders)."""
     rng = np.random.default_rng(seed)
     rest = D.read_jsonl(data_dir / "mmlu.jsonl.gz")[BASE_LIMIT:]
     records = [rest[i] for i in rng.choice(len(rest), n, replace=False)]  # the file is sorted by subject
     prompts = [str(r["prompt"]) for r in records]
-    meta = json.loads((ENCODER / "encoder.json").read_text())
-    emb = Embedder(ENCODER / "encoder.onnx", ENCODER / "tokenizer.json", int(meta["max_tokens"])).embed(prompts)
+    meta = json.loads((encoder_dir / "encoder.json").read_text())
+    emb = Embedder(encoder_dir / "encoder.onnx", encoder_dir / "tokenizer.json", int(meta["max_tokens"])).embed(prompts)
     with DecisionLog(url, salt="test-salt") as log:
         for i, (rec, text) in enumerate(zip(records, prompts, strict=True)):
             greedy = int(len(text) > 400)  # long prompts go to the strong tier
@@ -69,8 +71,8 @@ def write_log(url: str, data_dir: Path, model_version: str, n: int = 400, seed: 
             model = (WEAK, STRONG)[tier]
             log.record(
                 DecisionRecord(
-                    decision_id=f"d{i:04d}",
-                    request_id=f"r{i:04d}",
+                    decision_id=f"{prefix}{i:04d}",
+                    request_id=f"r{prefix}{i:04d}",
                     created_at=T0 + dt.timedelta(minutes=i),
                     profile="routellm-pair",
                     tier=("weak", "strong")[tier],
@@ -86,10 +88,11 @@ def write_log(url: str, data_dir: Path, model_version: str, n: int = 400, seed: 
                     prompt_chars=len(text),
                     prompt_hash=log.hash_prompt(text),
                     embedding=encode_embedding(emb[i]),
+                    encoder=encoder,
                 )
             )
             label = float(rec["outcomes"][model])  # type: ignore[index]
-            log.report_outcome(OutcomeRecord(decision_id=f"d{i:04d}", success=label > 0.5, cost_usd=0.001))
+            log.report_outcome(OutcomeRecord(decision_id=f"{prefix}{i:04d}", success=label > 0.5, cost_usd=0.001))
 
 
 def flipped_mmlu(data_dir: Path, out_dir: Path) -> Path:
@@ -156,6 +159,50 @@ def test_retrain_promotes_a_candidate_that_beats_the_live_model(tmp_path, monkey
     assert mv.tags["manifest_version"] == new.name
 
 
+def test_retrain_refits_a_cascade_first_stage_on_the_decisions_it_made(tmp_path, capsys):
+    """Outcomes of decisions the first stage made carry its encoder's embeddings: they refit that
+    stage (the main head never sees them), and the gate checks it on its own held-out decisions."""
+    data_dir = require_data()
+    models = tmp_path / "models"
+    live_cfg = FitConfig(
+        datasets=["mmlu"], data_dir=str(flipped_mmlu(data_dir, tmp_path / "flipped")), encoder_dir=str(ENCODER),
+        models_dir=str(models), limit=BASE_LIMIT, steps=30, track=False, cascade_encoder_dir=str(FIRST_STAGE),
+    )  # fmt: skip
+    live = Path(fit(live_cfg)["out_dir"])
+    live_cascade = read_manifest(live).cascade
+    assert live_cascade is not None
+    url = f"sqlite:///{tmp_path}/decisions.db"
+    write_log(url, data_dir, live.name, n=300, encoder="all-MiniLM-L6-v2")
+    write_log(url, data_dir, live.name, n=300, seed=1, encoder_dir=FIRST_STAGE, encoder=live_cascade.encoder.name,
+              prefix="f")  # fmt: skip
+    args = [
+        "--from-log", url, "--models-dir", str(models), "--data-dir", str(data_dir), "--encoder-dir", str(ENCODER),
+        "--datasets", "mmlu", "--limit", str(BASE_LIMIT), "--steps", "30", "--min-outcomes", "100",
+        "--holdout-frac", "0.25", "--no-track",
+    ]  # fmt: skip
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["promoted"] is True, out
+    assert "cascade first stage (all-MiniLM-L6-v2-first2), refitted on the 225 older outcomes" in out
+    assert sum("] first stage: " in line for line in out.splitlines()) == 2, out  # its log loss and ECE checks
+    manifest = read_manifest(Path(summary["out_dir"]))
+    window = manifest.model_extra["training"]["decision_log"]  # type: ignore[index]
+    assert window["outcomes_trained"] == 225 and window["outcomes_held_out"] == 75  # the main encoder's 300
+    assert window["first_stage"] == {"encoder": "all-MiniLM-L6-v2-first2", "outcomes_trained": 225,
+                                     "outcomes_held_out": 75}  # fmt: skip
+    assert manifest.cascade is not None and manifest.cascade.encoder == live_cascade.encoder
+    assert manifest.cascade.head.sha256 != live_cascade.head.sha256  # a new first-stage head
+    assert "first_stage_decision_log" in manifest.metrics
+    assert load_model(Path(summary["out_dir"]), device="cpu").first_stage is not None
+
+    # without its encoder the stage is kept as it was, and said so
+    assert main([*args, "--dry-run", "--cascade-encoder-dir", str(ENCODER)]) == 0
+    out = capsys.readouterr().out
+    assert "cascade first stage kept unchanged" in out and "is another encoder" in out
+
+
 def test_too_few_outcomes_fit_nothing(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/decisions.db"
     DecisionLog(url).close()
@@ -188,6 +235,15 @@ def test_the_gate(candidate, promote):
     ok, lines = gate(candidate, live)
     assert ok is promote, lines
     assert len(lines) == 3 and all(line.startswith(("[pass]", "[FAIL]", "[skip]")) for line in lines)
+
+
+@pytest.mark.parametrize(("first_stage", "promote"), [({"log_loss": 0.601, "ece": 0.03}, True),
+                                                      ({"log_loss": 0.61, "ece": 0.03}, False)])
+def test_the_gate_checks_a_refitted_first_stage(first_stage, promote):
+    live = figures(0.500, 0.04, 0.59) | {"first_stage": {"log_loss": 0.600, "ece": 0.04}}
+    ok, lines = gate(figures(0.500, 0.04, 0.59) | {"first_stage": first_stage}, live)
+    assert ok is promote, lines
+    assert len(lines) == 5 and sum(" first stage: " in line for line in lines) == 2
 
 
 def test_time_split_holds_out_the_newest():
