@@ -31,14 +31,17 @@ def _rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def bucket_table(buckets: dict[str, dict[str, Any]]) -> list[str]:
+    cascade = any("first_floor" in b for b in buckets.values())
     header = ["tokens", "Route p50", "p90", "p99", "floor p50", "p99", "engine p50",
-              "Route-floor", "Route/floor", "naive p50", "p99", "naive/Route", "other load"]
+              "Route-floor", "Route/floor", *(["1st-stage floor p50", "Route-1st floor"] if cascade else []),
+              "naive p50", "p99", "naive/Route", "other load"]  # fmt: skip
     rows = []
     for name, b in buckets.items():
         route, floor, naive = b["route"], b["floor"], b.get("naive") or {}
+        first = [_fmt(b["first_floor"]["p50_ms"]), _fmt(b["route_minus_first_floor_p50_ms"])] if cascade else []
         rows.append([name, _fmt(route["p50_ms"]), _fmt(route["p90_ms"]), _fmt(route["p99_ms"]),
                      _fmt(floor["p50_ms"]), _fmt(floor["p99_ms"]), _fmt(b["engine"]["p50_ms"]),
-                     _fmt(b["route_minus_floor_p50_ms"]), _fmt(b["route_over_floor_p50"]),
+                     _fmt(b["route_minus_floor_p50_ms"]), _fmt(b["route_over_floor_p50"]), *first,
                      _fmt(naive.get("p50_ms")), _fmt(naive.get("p99_ms")),
                      _fmt(b.get("naive_over_route_p50"), ".1f"), _fmt(b["outside_cpu_cores"])])
     return _rows(header, rows)
@@ -94,7 +97,8 @@ def render(report: dict[str, Any]) -> str:
         "",
         *noise_lines(report),
         "Sequential, batch 1, milliseconds (Route over loopback gRPC; floor = tokenize + "
-        "encoder.onnx in-process; naive = sentence-transformers encode + numpy head; "
+        "encoder.onnx in-process (1st-stage floor: a cascade's first-stage encoder); "
+        "naive = sentence-transformers encode + numpy head; "
         "other load = cores kept busy by other processes meanwhile):",
         *bucket_table(report["buckets"]),
         f"empty call (Health.Check over the same channel): p50 {tr['p50_ms']:.2f} ms, "
