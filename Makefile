@@ -64,8 +64,10 @@ model-full: $(VENV)/.dev  ## the same with all 6 layers (docs/benchmarks.md, "Ch
 model-static: $(VENV)/.dev  ## distill the model2vec static encoder from the same MiniLM, as ONNX
 	$(PY) -m training export-encoder static --out $(STATIC_ENCODER_DIR)
 
-train: $(VENV)/.dev proto  ## fit the head on ../shared/data and write models/<version>/ (DATASETS=mmlu for a permissive head)
+train: $(VENV)/.dev proto  ## fit the head on ../shared/data, write models/<version>/, then <version>-c<hash>/ with the static cascade stage; DEFAULT names the latter (DATASETS=mmlu for a permissive head)
 	$(PY) -m training fit $(if $(DATASETS),--datasets $(DATASETS))
+	@test -f $(STATIC_ENCODER_DIR)/encoder.onnx || $(MAKE) model-static
+	$(PY) -m training add-cascade --cascade-encoder-dir $(STATIC_ENCODER_DIR) --set-default
 
 train-cascade: $(VENV)/.dev proto  ## a version with a cascade stage (the static encoder first; docs/profiles.md, "Cascade"); DEFAULT unchanged
 	@test -f $(STATIC_ENCODER_DIR)/encoder.onnx || $(MAKE) model-static

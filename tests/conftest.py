@@ -29,6 +29,19 @@ def loaded_model(model_dir: Path):  # type: ignore[no-untyped-def]
     return load_model(model_dir, device="cpu", intra_op_threads=1)
 
 
+def plain_profiles(directory: Path) -> Path:
+    """The shipped profiles file (and its price catalog) in `directory`, without `cascade_margin`:
+    every profile runs the main encoder alone, on any version."""
+    import shutil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PROFILES.parent / "prices.toml", directory / "prices.toml")
+    lines = PROFILES.read_text("utf-8").splitlines(keepends=True)
+    out = directory / "profiles.toml"
+    out.write_text("".join(line for line in lines if not line.startswith("cascade_margin")), "utf-8")
+    return out
+
+
 def require_data() -> Path:
     if not (DATA_DIR / "mmlu.jsonl.gz").is_file():
         pytest.skip(f"shared data not found at {DATA_DIR}")

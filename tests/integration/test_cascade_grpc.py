@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-
 import grpc
 
 from router import metrics
 from router.decisionlog import DecisionLog
 from router.server import build_server
 from router.v1 import router_pb2, router_pb2_grpc
-from tests.conftest import PROFILES
+from tests.conftest import plain_profiles
 from tests.integration.test_server import settings
 from tests.unit.test_cascade import PROMPTS, assemble
 
@@ -36,10 +34,8 @@ tiers = [
 
 async def test_a_cascade_profile_is_answered_by_both_stages_and_logged_with_its_encoder(tmp_path):
     version = assemble(tmp_path)
-    profiles = tmp_path / "config" / "profiles.toml"
-    profiles.parent.mkdir()
-    shutil.copy(PROFILES.parent / "prices.toml", profiles.parent / "prices.toml")
-    profiles.write_text(PROFILES.read_text("utf-8") + CASCADE_PROFILE, "utf-8")
+    profiles = plain_profiles(tmp_path / "config")  # `default` without its cascade_margin: the main encoder
+    profiles.write_text(profiles.read_text("utf-8") + CASCADE_PROFILE, "utf-8")
     log_url = f"sqlite:///{tmp_path / 'decisions.db'}"
     before = {stage: counted(stage) for stage in ("first", "main")}  # counts live traffic only, not warm-up
     async with build_server(settings(model_dir=version, profiles_path=profiles, decision_log_url=log_url)) as srv:

@@ -8,8 +8,10 @@ import grpc
 import numpy as np
 import pytest
 
+from router.artifacts import read_manifest, resolve_model_dir
 from router.decisionlog import DecisionLog, decode_embedding
 from router.v1 import router_pb2, router_pb2_grpc
+from tests.conftest import MODELS
 from tests.integration.serveproc import server_env, start_server
 from tests.integration.test_server import PROMPTS, server, settings, stub  # noqa: F401  (fixtures)
 
@@ -72,8 +74,10 @@ async def test_every_decision_is_logged_without_the_prompt(tmp_path):
     assert rec.prompt is None  # privacy by default: only the embedding, a salted hash and counts
     assert rec.prompt_hash == DecisionLog(url, salt="s1").hash_prompt(PROMPTS[1])
     assert rec.prompt_hash != DecisionLog(url, salt="s2").hash_prompt(PROMPTS[1])
-    emb = decode_embedding(rec.embedding)
-    assert emb.shape == (384,) and abs(float(np.linalg.norm(emb)) - 1.0) < 0.01
+    emb = decode_embedding(rec.embedding)  # the embedding of the stage that decided (the default cascades)
+    manifest = read_manifest(resolve_model_dir(MODELS))
+    dims = {s.encoder.name: s.encoder.dim for s in (manifest, manifest.cascade) if s is not None}
+    assert emb.shape == (dims[rec.encoder],) and abs(float(np.linalg.norm(emb)) - 1.0) < 0.01
 
 
 def test_an_acknowledged_outcome_survives_kill_9(tmp_path):

@@ -149,7 +149,7 @@ def test_calibrate_from_the_decision_log(tmp_path: Path, capsys: pytest.CaptureF
 
     rows = D.read_jsonl(require_data() / "mmlu.jsonl.gz")[:200]
     model = load_model(MODELS, device="cpu", intra_op_threads=0)
-    profile = load_profiles(PROFILES)["default"]
+    profile = load_profiles(PROFILES)["default"].model_copy(update={"cascade_margin": None})  # the main encoder
     results = RoutingEngine(model).route_batch([RouteQuery(r["prompt"], profile) for r in rows])
     url = f"sqlite:///{tmp_path / 'log.db'}"
     now = dt.datetime.now(dt.UTC)

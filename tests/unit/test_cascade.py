@@ -20,7 +20,7 @@ from router.artifacts import ArtifactError, load_model
 from router.engine import RouteQuery, RoutingEngine
 from router.policy import RequestContext, settled_within
 from router.profiles import ProfileSet
-from tests.conftest import MODELS, PROFILES
+from tests.conftest import MODELS, plain_profiles
 
 MAIN, FIRST = "20261123-230cd417", "20261123-b154b88a"
 
@@ -82,8 +82,9 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RoutingEngine
 
 
 @pytest.fixture(scope="module")
-def profiles() -> ProfileSet:
-    return ProfileSet.load(PROFILES, "default")
+def profiles(tmp_path_factory: pytest.TempPathFactory) -> ProfileSet:
+    """The shipped profiles without `cascade_margin` (they ship with one); tests add their own."""
+    return ProfileSet.load(plain_profiles(tmp_path_factory.mktemp("profiles")), "default")
 
 
 def route(engine: RoutingEngine, profile, prompts=PROMPTS):  # type: ignore[no-untyped-def]
