@@ -19,7 +19,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from router.artifacts import ArtifactError, LoadedModel, Stage
-from router.policy import Choice, RequestContext, decide, settled_within
+from router.policy import Choice, Decided, RequestContext, decide, settled_within
 from router.profiles import Profile
 from router.scoring import pair_calibration, tier_quality, win_rate
 from router.tokenizer import Keep
@@ -234,9 +234,14 @@ class RoutingEngine:
                 for m in profile.pinned_prices if m in self._column
             }
             tokens = input_tokens[rows]
+            decided = None
             if cascade:
                 margin = float(profile.cascade_margin or 0.0)
-                settled = settled_within(margin, profile, quality, tokens, texts, contexts)
+                plain = None
+                if profile.exploration_rate == 0:  # then the final decision is the unexplored one: make it once
+                    decided = decide(profile, quality, tokens, texts, contexts, pinned, self._rng)
+                    plain = decided.choices
+                settled = settled_within(margin, profile, quality, tokens, texts, contexts, plain)
                 if not settled.all():  # the close ones go on to the main stage
                     close.extend(idx[rows[j]] for j in np.flatnonzero(~settled))
                     sel = np.flatnonzero(settled)
@@ -244,9 +249,13 @@ class RoutingEngine:
                     quality, sub_ability, tokens = quality[sel], sub_ability[sel], tokens[sel]
                     texts, contexts = [texts[j] for j in sel], [contexts[j] for j in sel]
                     pinned = {m: q[sel] for m, q in pinned.items()}
+                    if decided is not None:
+                        decided = Decided([decided.choices[j] for j in sel], decided.costs[sel],
+                                          decided.output_tokens[sel])
                     if not rows:
                         continue
-            decided = decide(profile, quality, tokens, texts, contexts, pinned, self._rng)
+            if decided is None:
+                decided = decide(profile, quality, tokens, texts, contexts, pinned, self._rng)
             win = win_rate(sub_ability, *self.win_params(profile, stage))
             for j, row in enumerate(rows):
                 results[idx[row]] = RouteResult(

@@ -225,14 +225,17 @@ def settled_within(
     input_tokens: npt.NDArray[np.int64],
     texts: Sequence[str],
     contexts: Sequence[RequestContext],
+    plain: Sequence[Choice] | None = None,
 ) -> npt.NDArray[np.bool_]:
     """Rows whose decision no change of each tier's quality by up to `margin` can move: the tier
     stays when the chosen tier's quality drops by `margin` and every other tier's rises by it.
     That is the worst case in every mode (floor and share: the chosen tier may fall under its floor
     and a cheaper one clear it; budget and rework: the best objective may lose to another), so a
     shift of all tiers together, which leaves budget and rework decisions alone, is not used.
-    Exploration is left out: the caller draws it on the final decision."""
-    plain = decide(profile, quality, input_tokens, texts, contexts).choices
+    Exploration is left out: the caller draws it on the final decision. `plain`: the decision at
+    `quality` without exploration, when the caller has made it already."""
+    if plain is None:
+        plain = decide(profile, quality, input_tokens, texts, contexts).choices
     chosen = np.array([c.tier_index for c in plain], np.int64)
     shaken = np.asarray(quality, np.float32) + np.float32(margin)
     has_tier = np.flatnonzero(chosen >= 0)  # a model pinned outside the tiers, or a refusal: no column

@@ -143,6 +143,23 @@ def test_each_answer_comes_from_the_stage_that_was_sure(engines, profiles, name)
     assert any(0.0 < shares[m] < 1.0 for m in (0.03, 0.1)), "the test prompts should exercise both stages"
 
 
+@pytest.mark.parametrize("name", ["default", "rework", "capped-frontier", "budget"])
+def test_settled_within_takes_the_decision_already_made(engines, profiles, name):
+    """The engine passes the final (unexplored) decision in, so settled_within decides once, not twice."""
+    from router.policy import decide
+
+    profile = profiles.get(name)
+    got = route(engines["first"], profile)
+    quality = np.array([r.quality for r in got], np.float32)
+    tokens = np.array([r.input_tokens for r in got], np.int64)
+    plain = decide(profile, quality, tokens, PROMPTS, ctx(len(PROMPTS))).choices
+    for margin in (0.01, 0.05):
+        np.testing.assert_array_equal(
+            settled_within(margin, profile, quality, tokens, PROMPTS, ctx(len(PROMPTS)), plain),
+            settled_within(margin, profile, quality, tokens, PROMPTS, ctx(len(PROMPTS))),
+        )
+
+
 def test_a_mixed_batch_routes_each_profile_its_own_way(engines, profiles):
     cascading = profiles.get("default").model_copy(update={"cascade_margin": 0.03})
     plain = profiles.get("routellm-pair")
