@@ -137,11 +137,13 @@ class InProcess:
 # -- phases ---------------------------------------------------------------------------------
 
 
-def breakdown(floor: float, engine: float, handler: float, route: float) -> dict[str, float]:
-    """Where a Route call's mean time goes, stage by stage (milliseconds)."""
-    return {"tokenize + encoder": round(floor, 3), "head + decision": round(engine - floor, 3),
-            "batcher + servicer": round(handler - engine, 3),
-            "gRPC + loopback + client": round(route - handler, 3)}
+def breakdown(floor: float | None, engine: float, handler: float, route: float) -> dict[str, float]:
+    """Where a Route call's mean time goes, stage by stage (milliseconds). `floor` None: a cascade,
+    whose calls run one or both encoders, so the engine is not split into encoder and the rest."""
+    split = ({"engine (cascade: encoders, heads, decision)": round(engine, 3)} if floor is None else
+             {"tokenize + encoder": round(floor, 3), "head + decision": round(engine - floor, 3)})
+    return split | {"batcher + servicer": round(handler - engine, 3),
+                    "gRPC + loopback + client": round(route - handler, 3)}
 
 
 def rotated(items: Sequence[T], by: int) -> list[T]:
@@ -208,8 +210,8 @@ def bucket_result(bucket: Bucket, noise: dict[str, Any], stats: dict[str, dict[s
         "server_handler_mean_ms": round(handler_mean_s * 1e3, 3),
         "route_minus_floor_p50_ms": round(route["p50_ms"] - floor["p50_ms"], 3),
         "route_over_floor_p50": round(route["p50_ms"] / floor["p50_ms"], 3),
-        "breakdown_mean_ms": breakdown(floor["mean_ms"], engine["mean_ms"], handler_mean_s * 1e3,
-                                       route["mean_ms"]),
+        "breakdown_mean_ms": breakdown(None if "first_floor" in stats else floor["mean_ms"], engine["mean_ms"],
+                                       handler_mean_s * 1e3, route["mean_ms"]),
     }
     if (first := stats.get("first_floor")) is not None:
         result["route_minus_first_floor_p50_ms"] = round(route["p50_ms"] - first["p50_ms"], 3)
@@ -323,14 +325,17 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets for 2 CPU cores, sequential, loopback, default model."""
     b, name = report["buckets"][SWEEP_BUCKET], SWEEP_BUCKET
     at32: dict[str, Any] = next((lv for lv in report["sweep"] if lv["in_flight"] == 32), {})
-    first = ([_target(f"Route p50 - first-stage floor p50 ms, {name} (a cascade: most calls run only that encoder)",
-                      b["route_minus_first_floor_p50_ms"], "<=", 1.0)]
-             if "route_minus_first_floor_p50_ms" in b else [])  # fmt: skip
+    if "route_minus_first_floor_p50_ms" in b:  # a cascade: most calls run only the first stage's encoder
+        main = _target(f"Route p50 - floor p50 ms, {name} (main encoder; a cascade runs it on few calls)",
+                       b["route_minus_floor_p50_ms"], "<=", 1.0) | {"met": None}  # not a fair test: n/a
+        floors = [main, _target(f"Route p50 - first-stage floor p50 ms, {name}",
+                                b["route_minus_first_floor_p50_ms"], "<=", 1.0)]
+    else:
+        floors = [_target(f"Route p50 - floor p50 ms, {name}", b["route_minus_floor_p50_ms"], "<=", 1.0)]
     return [
         _target(f"Route p50 ms, {name} tokens", b["route"]["p50_ms"], "<=", 2.5),
         _target(f"Route p99 ms, {name} tokens", b["route"]["p99_ms"], "<=", 6.0),
-        _target(f"Route p50 - floor p50 ms, {name}", b["route_minus_floor_p50_ms"], "<=", 1.0),
-        *first,
+        *floors,
         _target("throughput at 32 in flight / at 1", at32.get("throughput_vs_level_1"), ">=", 1.4),
         _target("p99 ms at 32 in flight", at32.get("latency", {}).get("p99_ms"), "<", 50.0),
         _target(f"naive p50 / Route p50, {name}", b.get("naive_over_route_p50"), ">=", 10.0),
