@@ -483,14 +483,20 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
 
     # 1. logged decisions with outcomes, oldest first, embedded by the live model's main encoder
     # (not by a cascade's first stage); the live model itself is checked in step 2
-    live_encoder = read_manifest(live_dir).encoder.name if (live_dir / MANIFEST).is_file() else None
+    live_manifest = read_manifest(live_dir) if (live_dir / MANIFEST).is_file() else None
+    live_encoder = live_manifest.encoder.name if live_manifest is not None else None
     with DecisionLog(url) as decision_log:
         logged = decision_log.labeled(encoder=live_encoder)
         exploring = [d for d, p in zip(logged.decision_id, logged.propensity.tolist(), strict=True) if p < 1.0]
         context = logged_contexts(decision_log, exploring)
+        first = live_manifest.cascade if live_manifest is not None else None
+        n_first = len(decision_log.labeled(encoder=first.encoder.name, exact=True)) if first is not None else 0
     result: dict[str, Any] = {"from_log": redact(url), "logged_outcomes": len(logged), "promoted": False}
     if len(logged) < max(cfg.min_outcomes, 2):
         result["reason"] = f"{len(logged)} logged outcomes, fewer than --min-outcomes {cfg.min_outcomes}"
+        if n_first:  # a cascade: the main head learns only from the close calls the main encoder decided
+            result["reason"] += (f" (of the main encoder's decisions; the cascade's first stage decided {n_first} "
+                                 "more, and is refitted together with the main head once that has enough)")  # fmt: skip
         return result
 
     # 2. the base data (embedded, split), and the live model, which must share its encoder

@@ -197,6 +197,13 @@ def test_retrain_refits_a_cascade_first_stage_on_the_decisions_it_made(tmp_path,
     assert "first_stage_decision_log" in manifest.metrics
     assert load_model(Path(summary["out_dir"]), device="cpu").first_stage is not None
 
+    # the main head gates the retrain: with too few of its own outcomes nothing is fitted, and the
+    # reason counts the first stage's too
+    args_400 = [*args[: args.index("--min-outcomes") + 1], "400", *args[args.index("--min-outcomes") + 2 :]]
+    assert main(args_400) == 0
+    reason = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reason"]
+    assert reason.startswith("300 logged outcomes, fewer than --min-outcomes 400") and "decided 300 more" in reason
+
     # without its encoder the stage is kept as it was, and said so
     assert main([*args, "--dry-run", "--cascade-encoder-dir", str(ENCODER)]) == 0
     out = capsys.readouterr().out
