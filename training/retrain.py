@@ -372,7 +372,7 @@ def dig(metrics: dict[str, Any], path: tuple[str, ...]) -> float | None:
     return float(metrics)  # type: ignore[arg-type]
 
 
-def log_checks(c: dict[str, Any], lv: dict[str, Any], label: str = "") -> list[tuple[bool, str]]:
+def log_checks(c: dict[str, Any], lv: dict[str, Any], label: str = "") -> list[tuple[bool | None, str]]:
     """The held-out log's part of GATE_RULE: log loss and ECE of a candidate head against live."""
     ece_bar = max(lv["ece"] + ECE_SLACK, ECE_CEILING)
     return [
@@ -385,15 +385,20 @@ def log_checks(c: dict[str, Any], lv: dict[str, Any], label: str = "") -> list[t
 def gate(candidate: dict[str, Any], live: dict[str, Any]) -> tuple[bool, list[str]]:
     """GATE_RULE applied: (promote, one line per check). A NaN or missing figure fails its check,
     except APGR, which is skipped when either side has none (no MMLU in the base data)."""
-    checks = log_checks(candidate["decision_log"], live["decision_log"])
+    checks: list[tuple[bool | None, str]] = []  # None: skipped
+    if "decision_log" in candidate:
+        checks += log_checks(candidate["decision_log"], live["decision_log"])
+    else:  # too few of the main encoder's own outcomes: refitted on the base data alone, as live was
+        checks.append((None, "main head: too few logged outcomes of its own; refitted on the base data alone"))
     if "first_stage" in candidate:  # a refitted cascade first stage, on the decisions it made
         checks += log_checks(candidate["first_stage"], live["first_stage"], "first stage: ")
     ca, la = dig(candidate.get("base", {}), APGR_PATH), dig(live.get("base", {}), APGR_PATH)
     if ca is None or la is None:
-        lines = [f"[{'pass' if ok else 'FAIL'}] {text}" for ok, text in checks]
-        return all(ok for ok, _ in checks), [*lines, "[skip] APGR: no base-data figures for both heads"]
-    checks.append((ca >= la - APGR_SLACK, f"base APGR  {ca:.4f} >= {la:.4f} - {APGR_SLACK}"))
-    return all(ok for ok, _ in checks), [f"[{'pass' if ok else 'FAIL'}] {text}" for ok, text in checks]
+        checks.append((None, "APGR: no base-data figures for both heads"))
+    else:
+        checks.append((ca >= la - APGR_SLACK, f"base APGR  {ca:.4f} >= {la:.4f} - {APGR_SLACK}"))
+    tag = {True: "pass", False: "FAIL", None: "skip"}
+    return all(ok is not False for ok, _ in checks), [f"[{tag[ok]}] {text}" for ok, text in checks]
 
 
 # -- a cascade's first stage -------------------------------------------------------------------
@@ -491,12 +496,12 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         context = logged_contexts(decision_log, exploring)
         first = live_manifest.cascade if live_manifest is not None else None
         n_first = len(decision_log.labeled(encoder=first.encoder.name, exact=True)) if first is not None else 0
-    result: dict[str, Any] = {"from_log": redact(url), "logged_outcomes": len(logged), "promoted": False}
-    if len(logged) < max(cfg.min_outcomes, 2):
+    result: dict[str, Any] = {"from_log": redact(url), "logged_outcomes": len(logged) + n_first, "promoted": False}
+    if max(len(logged), n_first) < max(cfg.min_outcomes, 2):
         result["reason"] = f"{len(logged)} logged outcomes, fewer than --min-outcomes {cfg.min_outcomes}"
-        if n_first:  # a cascade: the main head learns only from the close calls the main encoder decided
-            result["reason"] += (f" (of the main encoder's decisions; the cascade's first stage decided {n_first} "
-                                 "more, and is refitted together with the main head once that has enough)")  # fmt: skip
+        if first is not None:  # a cascade: each stage learns from the decisions it made
+            result["reason"] = (f"{len(logged)} logged outcomes of the main encoder's decisions and {n_first} of "
+                                f"the cascade first stage's, each fewer than --min-outcomes {cfg.min_outcomes}")
         return result
 
     # 2. the base data (embedded, split), and the live model, which must share its encoder
@@ -509,14 +514,17 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
             "from the live encoder, so the candidate must use the same one (--encoder-dir)"
         )
     logged = usable(logged, models_root, encoder_sha, data.models, live.models)
-    if len(logged) < max(cfg.min_outcomes, 2):
+    # the main head learns from its logged outcomes when there are enough of them; below that (a
+    # cascade whose first stage decides most calls) it is refitted on the base data alone
+    main_learns = len(logged) >= max(cfg.min_outcomes, 2)
+    if not main_learns and not n_first:
         result["reason"] = f"{len(logged)} usable logged outcomes, fewer than --min-outcomes {cfg.min_outcomes}"
         return result
-    if logged.embedding.shape[1] != live.manifest.encoder.dim:
+    if main_learns and logged.embedding.shape[1] != live.manifest.encoder.dim:
         dim = live.manifest.encoder.dim
         raise ValueError(f"logged embeddings are {logged.embedding.shape[1]}-d, the encoder's {dim}")
-    train_idx, hold_idx = time_split(len(logged), cfg.holdout_frac)
-    train_log, held = logged.take(train_idx), logged.take(hold_idx)
+    train_idx, hold_idx = time_split(len(logged), cfg.holdout_frac) if main_learns else ([], [])
+    train_log, held = logged.take(np.asarray(train_idx, np.int64)), logged.take(np.asarray(hold_idx, np.int64))
     log.info("%d logged outcomes: %d to train on, the newest %d held out", len(logged), len(train_log), len(held))
 
     # 3. the candidate: base training folds plus the older logged outcomes
@@ -524,7 +532,7 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         logged_inputs(train_log),
         logged_terms(train_log, prep.terms, data.models, cfg.log_weight),
         logged_words(train_log, live.tokenizer),
-    )
+    ) if main_learns else None  # fmt: skip
     head = F.train_head(fit_cfg, prep, extra)
 
     # 4. both heads on the held-out logged outcomes and on the base data's held-out fold, less the
@@ -542,13 +550,14 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     def live_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return run_onnx_head(live.head, emb, chars, live.lexicon, held_words)
 
-    candidate = {
-        "decision_log": logged_metrics(candidate_logits, data.models, held, cfg.ips_floor, profiles, context),
+    candidate: dict[str, Any] = {
         "base": F.heldout_metrics(data, prep.terms, head, prep.X, eval_fold, fit_cfg, prep.tokens),
     }
-    live_metrics: dict[str, Any] = {
-        "decision_log": logged_metrics(live_logits, live.models, held, cfg.ips_floor, profiles, context)
-    }
+    live_metrics: dict[str, Any] = {}
+    if main_learns:
+        candidate["decision_log"] = logged_metrics(candidate_logits, data.models, held, cfg.ips_floor, profiles,
+                                                   context)  # fmt: skip
+        live_metrics["decision_log"] = logged_metrics(live_logits, live.models, held, cfg.ips_floor, profiles, context)
     try:
         live_head = OnnxHead(live, data.models, data.datasets)
         live_metrics["base"] = F.heldout_metrics(data, prep.terms, live_head, prep.X, eval_fold, fit_cfg, prep.tokens)
@@ -559,6 +568,10 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         candidate["first_stage"], live_metrics["first_stage"] = refit.candidate, refit.live
     elif kept_why:
         log.warning("the live cascade first stage is kept unchanged: %s", kept_why)
+    if not main_learns and refit is None:
+        result["reason"] = (f"{len(logged)} usable logged outcomes of the main encoder's decisions, fewer than "
+                            f"--min-outcomes {cfg.min_outcomes}, and the cascade first stage cannot learn: {kept_why}")
+        return result
     promote, checks = gate(candidate, live_metrics)
 
     # 5. the candidate's name: its fit config and data, plus the logged outcomes it learned from
@@ -575,8 +588,8 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         "outcomes_trained": len(train_log),
         "outcomes_held_out": len(held),
         "trained_until": str(train_log.created_at[-1]) if len(train_log) else None,
-        "held_out_from": str(held.created_at[0]),
-        "held_out_until": str(held.created_at[-1]),
+        "held_out_from": str(held.created_at[0]) if len(held) else None,
+        "held_out_until": str(held.created_at[-1]) if len(held) else None,
         "log_weight": cfg.log_weight,
         "holdout_frac": cfg.holdout_frac,
         "live_version": live.version,
@@ -604,7 +617,7 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         return result
 
     # 6. tracked: both heads' figures; a promoted candidate is written, pointed at and registered
-    manifest_metrics = candidate["base"] | {"decision_log": candidate["decision_log"], "promotion_gate": checks}
+    manifest_metrics = candidate["base"] | {"decision_log": candidate.get("decision_log"), "promotion_gate": checks}
     if "first_stage" in candidate:
         manifest_metrics["first_stage_decision_log"] = candidate["first_stage"]
     write_cfg = dataclasses.replace(fit_cfg, version=version, set_default=True)
@@ -644,12 +657,15 @@ def report(result: dict[str, Any]) -> str:
     if "gate" not in result:
         return "\n".join([*lines, result.get("reason", "")])
     w = result["window"]
-    lines.append(
-        f"  trained on {w['outcomes_trained']} (until {w['trained_until']}), held out the newest "
-        f"{w['outcomes_held_out']} ({w['held_out_from']} .. {w['held_out_until']}; "
-        f"mean outcome {result['candidate']['decision_log']['mean_outcome']:.4f})"
-    )
     c, lv = result["candidate"], result["live"]
+    if "decision_log" in c:
+        lines.append(
+            f"  trained on {w['outcomes_trained']} (until {w['trained_until']}), held out the newest "
+            f"{w['outcomes_held_out']} ({w['held_out_from']} .. {w['held_out_until']}; "
+            f"mean outcome {c['decision_log']['mean_outcome']:.4f})"
+        )
+    else:
+        lines.append("  main head: too few logged outcomes of its own decisions; refitted on the base data alone")
     rows = [
         ("log loss (held-out log)", ("decision_log", "log_loss")),
         ("ECE (held-out log)", ("decision_log", "ece")),
@@ -680,7 +696,7 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"  (base figures leave out {w['base_heldout_left_out']} held-out prompts the candidate "
                      "learned from the log)")
     for who, figures in (("live", lv), ("candidate", c)):
-        if "ips" in figures["decision_log"]:
+        if "ips" in figures.get("decision_log", {}):
             ips = figures["decision_log"]["ips"]
             lines.append(f"  (IPS, {who}: {ips['decisions']} exploring decisions; {describe_policy(ips)})")
     lines.append("gate: " + result["gate"]["rule"])

@@ -197,12 +197,24 @@ def test_retrain_refits_a_cascade_first_stage_on_the_decisions_it_made(tmp_path,
     assert "first_stage_decision_log" in manifest.metrics
     assert load_model(Path(summary["out_dir"]), device="cpu").first_stage is not None
 
-    # the main head gates the retrain: with too few of its own outcomes nothing is fitted, and the
-    # reason counts the first stage's too
+    # with too few outcomes in each stage nothing is fitted, and the reason counts both
     args_400 = [*args[: args.index("--min-outcomes") + 1], "400", *args[args.index("--min-outcomes") + 2 :]]
     assert main(args_400) == 0
     reason = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reason"]
-    assert reason.startswith("300 logged outcomes, fewer than --min-outcomes 400") and "decided 300 more" in reason
+    assert reason == ("300 logged outcomes of the main encoder's decisions and 300 of the cascade first stage's, "
+                      "each fewer than --min-outcomes 400")  # fmt: skip
+
+    # a first stage with enough outcomes learns even where the main encoder decided too few: the
+    # main head is refitted on the base data alone, its log checks skipped
+    few = f"sqlite:///{tmp_path}/few-main.db"
+    write_log(few, data_dir, live.name, n=60, encoder="all-MiniLM-L6-v2")
+    write_log(few, data_dir, live.name, n=300, seed=1, encoder_dir=FIRST_STAGE, encoder=live_cascade.encoder.name,
+              prefix="f")  # fmt: skip
+    assert main([*args[:1], few, *args[2:], "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[skip] main head: too few logged outcomes of its own" in out, out
+    assert sum("] first stage: " in line for line in out.splitlines()) == 2, out
+    assert "main head: too few logged outcomes of its own decisions; refitted on the base data alone" in out
 
     # without its encoder the stage is kept as it was, and said so
     assert main([*args, "--dry-run", "--cascade-encoder-dir", str(ENCODER)]) == 0
