@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from router.artifacts import MANIFEST, LoadedModel, load_model, read_manifest, resolve_model_dir
+from router.artifacts import MANIFEST, LoadedModel, Stage, load_model, read_manifest, resolve_model_dir
 from router.decisionlog import DecisionLog, LabeledDecisions, decisions
 from router.engine import run_head
 from router.lexical import Lexicon, Tokens
@@ -405,15 +405,50 @@ def gate(candidate: dict[str, Any], live: dict[str, Any]) -> tuple[bool, list[st
 
 
 @dataclasses.dataclass
-class FirstStageRefit:
-    """A live cascade's first stage refitted on the base data plus the logged outcomes of the
-    decisions it made (their embeddings are its encoder's, which the main head cannot read)."""
+class StageFit:
+    """A stage's head refitted on the base data plus the older logged outcomes of the decisions
+    it made, and the figures of it and of the live head on the newest ones (held out)."""
 
-    stage: F.CascadeStage
+    head: WinRateHead
     trained: LabeledDecisions
     held: LabeledDecisions
     candidate: dict[str, Any]  # logged_metrics on `held`
     live: dict[str, Any]
+
+
+def fit_stage(
+    cfg: RetrainConfig, prep: F.Prepared, logged: LabeledDecisions, live: Stage, live_models: list[str],
+    profiles: Mapping[str, Profile], context: Mapping[str, LoggedContext],
+) -> StageFit:
+    """Learn one stage (`prep`: the base data through its encoder) from its logged outcomes."""
+    if logged.embedding.shape[1] != live.encoder_spec.dim:
+        raise ValueError(f"logged embeddings of {live.encoder_spec.name} are {logged.embedding.shape[1]}-d, "
+                         f"the encoder's {live.encoder_spec.dim}")  # fmt: skip
+    data = prep.data
+    train_idx, hold_idx = time_split(len(logged), cfg.holdout_frac)
+    trained, held = logged.take(train_idx), logged.take(hold_idx)
+    log.info("%s: %d logged outcomes, %d to train on, the newest %d held out",
+             live.encoder_spec.name, len(logged), len(trained), len(held))  # fmt: skip
+    extra = (
+        logged_inputs(trained),
+        logged_terms(trained, prep.terms, data.models, cfg.log_weight),
+        logged_words(trained, live.tokenizer),
+    )
+    head = F.train_head(cfg.fit_config(), prep, extra)
+    held_words = logged_words(held, live.tokenizer)  # both heads score the held-out logged decisions
+
+    def candidate_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert len(emb) == len(held_words.lengths), "logged_metrics scores `held`. This is a bug."
+        return head.logits(np.hstack([emb, length_features(chars)]), held_words)
+
+    def live_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return run_onnx_head(live.head, emb, chars, live.lexicon, held_words)
+
+    return StageFit(
+        head, trained, held,
+        logged_metrics(candidate_logits, data.models, held, cfg.ips_floor, profiles, context),
+        logged_metrics(live_logits, live_models, held, cfg.ips_floor, profiles, context),
+    )  # fmt: skip
 
 
 def first_stage_encoder(cfg: RetrainConfig, sha256: str) -> Path | None:
@@ -428,53 +463,28 @@ def first_stage_encoder(cfg: RetrainConfig, sha256: str) -> Path | None:
 
 
 def refit_first_stage(
-    cfg: RetrainConfig, url: str, live: LoadedModel, prep: F.Prepared, models_root: Path,
-    profiles: Mapping[str, Profile],
-) -> tuple[FirstStageRefit | None, str]:
-    """The refitted first stage, or None and why the live one is kept unchanged."""
+    cfg: RetrainConfig, logged: LabeledDecisions, live: LoadedModel, prep: F.Prepared, models_root: Path,
+    profiles: Mapping[str, Profile], context: Mapping[str, LoggedContext],
+) -> tuple[F.CascadeStage, StageFit] | str:
+    """The live cascade's first stage learnt from `logged` (the decisions it made), or why the
+    live one is kept unchanged ("" for a version without a first stage)."""
     spec, first = live.manifest.cascade, live.first_stage
     if spec is None or first is None:
-        return None, ""
+        return ""
     enc_dir = first_stage_encoder(cfg, spec.encoder.sha256)
     if enc_dir is None:
-        return None, (f"its encoder {spec.encoder.name} ({spec.encoder.sha256[:12]}) is not under models/encoder "
-                      "(make model-static) nor given by --cascade-encoder-dir")  # fmt: skip
-    meta = json.loads((enc_dir / "encoder.json").read_text("utf-8"))
-    if meta["sha256"] != spec.encoder.sha256:
-        return None, f"{enc_dir} is another encoder than the live first stage's ({spec.encoder.name})"
-    with DecisionLog(url) as decision_log:
-        logged = decision_log.labeled(encoder=spec.encoder.name, exact=True)
-        exploring = [d for d, p in zip(logged.decision_id, logged.propensity.tolist(), strict=True) if p < 1.0]
-        context = logged_contexts(decision_log, exploring)
+        return (f"its encoder {spec.encoder.name} ({spec.encoder.sha256[:12]}) is not under models/encoder "
+                "(make model-static) nor given by --cascade-encoder-dir")  # fmt: skip
+    if json.loads((enc_dir / "encoder.json").read_text("utf-8"))["sha256"] != spec.encoder.sha256:
+        return f"{enc_dir} is another encoder than the live first stage's ({spec.encoder.name})"
     data = prep.data
     logged = usable(logged, models_root, spec.encoder.sha256, data.models, live.models, first_stage=True)
     if len(logged) < max(cfg.min_outcomes, 2):
-        return None, f"{len(logged)} logged outcomes of its decisions, fewer than --min-outcomes {cfg.min_outcomes}"
-    if logged.embedding.shape[1] != spec.encoder.dim:
-        raise ValueError(f"first-stage logged embeddings are {logged.embedding.shape[1]}-d, "
-                         f"its encoder's {spec.encoder.dim}")  # fmt: skip
-    train_idx, hold_idx = time_split(len(logged), cfg.holdout_frac)
-    trained, held = logged.take(train_idx), logged.take(hold_idx)
+        return f"{len(logged)} logged outcomes of its decisions, fewer than --min-outcomes {cfg.min_outcomes}"
     meta, X, tokens = F.stage_inputs(enc_dir, data)
-    extra = (
-        logged_inputs(trained),
-        logged_terms(trained, prep.terms, data.models, cfg.log_weight),
-        logged_words(trained, first.tokenizer),
-    )
-    head = F.train_head(cfg.fit_config(), F.Prepared(data, prep.terms, X, prep.fold, meta, tokens), extra)
-    held_words = logged_words(held, first.tokenizer)
-
-    def candidate_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return head.logits(np.hstack([emb, length_features(chars)]), held_words)
-
-    def live_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return run_onnx_head(first.head, emb, chars, first.lexicon, held_words)
-
-    return FirstStageRefit(
-        F.CascadeStage(enc_dir, meta, head, X, tokens), trained, held,
-        logged_metrics(candidate_logits, data.models, held, cfg.ips_floor, profiles, context),
-        logged_metrics(live_logits, live.models, held, cfg.ips_floor, profiles, context),
-    ), ""  # fmt: skip
+    fitted = fit_stage(cfg, F.Prepared(data, prep.terms, X, prep.fold, meta, tokens), logged, first, live.models,
+                       profiles, context)  # fmt: skip
+    return F.CascadeStage(enc_dir, meta, fitted.head, X, tokens), fitted
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -486,16 +496,19 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     models_root = Path(cfg.models_dir)
     live_dir = resolve_model_dir(Path(cfg.live_dir or cfg.models_dir))
 
-    # 1. logged decisions with outcomes, oldest first, embedded by the live model's main encoder
-    # (not by a cascade's first stage); the live model itself is checked in step 2
+    # 1. logged decisions with outcomes, oldest first: those of the live model's main encoder and,
+    # for a cascade, those of its first stage (its own encoder's embeddings); the live model itself
+    # is checked in step 2
     live_manifest = read_manifest(live_dir) if (live_dir / MANIFEST).is_file() else None
     live_encoder = live_manifest.encoder.name if live_manifest is not None else None
+    first = live_manifest.cascade if live_manifest is not None else None
     with DecisionLog(url) as decision_log:
         logged = decision_log.labeled(encoder=live_encoder)
-        exploring = [d for d, p in zip(logged.decision_id, logged.propensity.tolist(), strict=True) if p < 1.0]
+        first_logged = decision_log.labeled(encoder=first.encoder.name, exact=True) if first is not None else None
+        exploring = [d for part in (logged, first_logged) if part is not None
+                     for d, p in zip(part.decision_id, part.propensity.tolist(), strict=True) if p < 1.0]  # fmt: skip
         context = logged_contexts(decision_log, exploring)
-        first = live_manifest.cascade if live_manifest is not None else None
-        n_first = len(decision_log.labeled(encoder=first.encoder.name, exact=True)) if first is not None else 0
+    n_first = len(first_logged) if first_logged is not None else 0
     result: dict[str, Any] = {"from_log": redact(url), "logged_outcomes": len(logged) + n_first, "promoted": False}
     if max(len(logged), n_first) < max(cfg.min_outcomes, 2):
         result["reason"] = f"{len(logged)} logged outcomes, fewer than --min-outcomes {cfg.min_outcomes}"
@@ -520,55 +533,39 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     if not main_learns and not n_first:
         result["reason"] = f"{len(logged)} usable logged outcomes, fewer than --min-outcomes {cfg.min_outcomes}"
         return result
-    if main_learns and logged.embedding.shape[1] != live.manifest.encoder.dim:
-        dim = live.manifest.encoder.dim
-        raise ValueError(f"logged embeddings are {logged.embedding.shape[1]}-d, the encoder's {dim}")
-    train_idx, hold_idx = time_split(len(logged), cfg.holdout_frac) if main_learns else ([], [])
-    train_log, held = logged.take(np.asarray(train_idx, np.int64)), logged.take(np.asarray(hold_idx, np.int64))
-    log.info("%d logged outcomes: %d to train on, the newest %d held out", len(logged), len(train_log), len(held))
 
-    # 3. the candidate: base training folds plus the older logged outcomes
-    extra = (
-        logged_inputs(train_log),
-        logged_terms(train_log, prep.terms, data.models, cfg.log_weight),
-        logged_words(train_log, live.tokenizer),
-    ) if main_learns else None  # fmt: skip
-    head = F.train_head(fit_cfg, prep, extra)
+    # 3. the candidate: base training folds plus the older logged outcomes; each head decides the
+    #    exploring held-out decisions with the profile they were logged under
+    profiles = read_profiles(cfg.profiles_path)
+    main_fit = fit_stage(cfg, prep, logged, live.main_stage, live.models, profiles, context) if main_learns else None
+    head = main_fit.head if main_fit is not None else F.train_head(fit_cfg, prep)
+    train_log = main_fit.trained if main_fit is not None else logged.take(np.arange(0))
+    held = main_fit.held if main_fit is not None else train_log
 
-    # 4. both heads on the held-out logged outcomes and on the base data's held-out fold, less the
-    #    prompts whose logged outcomes the candidate trained on; each head decides the exploring
-    #    decisions with the profile they were logged under
+    # 4. both heads on the base data's held-out fold, less the prompts whose logged outcomes the
+    #    candidate trained on
     seen = seen_prompts(prep, train_log, cfg.holdout_fold)
     eval_fold = np.where(seen, -1, prep.fold)
-    profiles = read_profiles(cfg.profiles_path)
-    held_words = logged_words(held, live.tokenizer)  # both heads score the held-out logged decisions
-
-    def candidate_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        assert len(emb) == len(held_words.lengths), "logged_metrics scores `held`. This is a bug."
-        return head.logits(np.hstack([emb, length_features(chars)]), held_words)
-
-    def live_logits(emb: np.ndarray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return run_onnx_head(live.head, emb, chars, live.lexicon, held_words)
-
     candidate: dict[str, Any] = {
         "base": F.heldout_metrics(data, prep.terms, head, prep.X, eval_fold, fit_cfg, prep.tokens),
     }
     live_metrics: dict[str, Any] = {}
-    if main_learns:
-        candidate["decision_log"] = logged_metrics(candidate_logits, data.models, held, cfg.ips_floor, profiles,
-                                                   context)  # fmt: skip
-        live_metrics["decision_log"] = logged_metrics(live_logits, live.models, held, cfg.ips_floor, profiles, context)
+    if main_fit is not None:
+        candidate["decision_log"], live_metrics["decision_log"] = main_fit.candidate, main_fit.live
     try:
         live_head = OnnxHead(live, data.models, data.datasets)
         live_metrics["base"] = F.heldout_metrics(data, prep.terms, live_head, prep.X, eval_fold, fit_cfg, prep.tokens)
     except ValueError as e:
         log.warning("no base-data figures for the live model (%s)", e)
-    refit, kept_why = refit_first_stage(cfg, url, live, prep, models_root, profiles)
-    if refit is not None:
-        candidate["first_stage"], live_metrics["first_stage"] = refit.candidate, refit.live
+    refitted = refit_first_stage(cfg, first_logged, live, prep, models_root, profiles, context) \
+        if first_logged is not None else ""  # fmt: skip
+    first_stage, first_fit = (None, None) if isinstance(refitted, str) else refitted
+    kept_why = refitted if isinstance(refitted, str) else ""
+    if first_fit is not None:
+        candidate["first_stage"], live_metrics["first_stage"] = first_fit.candidate, first_fit.live
     elif kept_why:
         log.warning("the live cascade first stage is kept unchanged: %s", kept_why)
-    if not main_learns and refit is None:
+    if not main_learns and first_fit is None:
         result["reason"] = (f"{len(logged)} usable logged outcomes of the main encoder's decisions, fewer than "
                             f"--min-outcomes {cfg.min_outcomes}, and the cascade first stage cannot learn: {kept_why}")
         return result
@@ -578,9 +575,8 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     digest = hashlib.sha256()
     digest.update(F.result_hash(fit_cfg, data, prep.encoder_meta).encode())
     digest.update(f"log_weight={cfg.log_weight};".encode())
-    first_trained = refit.trained if refit is not None else None
-    for part in (train_log, first_trained):
-        for d, y in zip(part.decision_id, part.outcome.tolist(), strict=True) if part is not None else ():
+    for part in (train_log, *([first_fit.trained] if first_fit is not None else [])):
+        for d, y in zip(part.decision_id, part.outcome.tolist(), strict=True):
             digest.update(f"{d}:{y};".encode())
     version = cfg.version or f"{dt.date.today():%Y%m%d}-{digest.hexdigest()[:8]}"
     window = {
@@ -596,11 +592,11 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         "base_heldout_left_out": int(seen.sum()),
         "profiles_path": cfg.profiles_path,
     }
-    if refit is not None:
+    if first_stage is not None and first_fit is not None:
         window["first_stage"] = {
-            "encoder": refit.stage.encoder_meta["name"],
-            "outcomes_trained": len(refit.trained),
-            "outcomes_held_out": len(refit.held),
+            "encoder": first_stage.encoder_meta["name"],
+            "outcomes_trained": len(first_fit.trained),
+            "outcomes_held_out": len(first_fit.held),
         }
     elif kept_why:
         window["first_stage"] = {"kept": kept_why}
@@ -626,8 +622,8 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     def publish(run_id: str | None) -> Path:
         return F.write_version(
             write_cfg, data, head, prep.X, manifest_metrics, prep.encoder_meta, run_id, provenance=provenance,
-            cascade=refit.stage if refit is not None else None,
-            keep_cascade_from=None if refit is not None else live_dir,  # else the live cascade stage, unchanged
+            cascade=first_stage,
+            keep_cascade_from=None if first_stage is not None else live_dir,  # else the live cascade stage, unchanged
             tokens=prep.tokens,
         )
 
