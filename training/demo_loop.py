@@ -58,6 +58,7 @@ class DemoConfig:
     n: int = 700  # prompts per phase; the shipped model's held-out fold has 1,414 MMLU prompts
     exploration: float = 0.1  # the demo profile's exploration_rate
     floor: float = 0.6  # the demo profile's quality floor
+    cascade_margin: float | None = None  # the demo profile's cascade_margin (None: the main encoder on every call)
     keep: str = ""  # work directory, kept ("": a temporary one; result.json then goes to build/demo-loop/)
     seed: int = 0  # which held-out prompts go to which phase
     concurrency: int = 8  # Route calls in flight
@@ -71,7 +72,8 @@ class DemoConfig:
 # -- 1. the work directory ----------------------------------------------------------------
 
 
-def demo_profile(floor: float, exploration: float) -> str:
+def demo_profile(floor: float, exploration: float, cascade_margin: float | None = None) -> str:
+    cascade = f"cascade_margin = {cascade_margin}\n" if cascade_margin is not None else ""
     return f"""
 
 [profiles.{PROFILE}]
@@ -79,7 +81,7 @@ description = "training/demo_loop.py: RouteLLM's pair at a quality floor, explor
 mode = "floor"
 floor = {floor}
 exploration_rate = {exploration}
-tiers = [
+{cascade}tiers = [
   {{ name = "weak", model = "{WEAK}" }},
   {{ name = "strong", model = "{STRONG}" }},
 ]
@@ -98,7 +100,7 @@ def set_up(cfg: DemoConfig, work: Path) -> tuple[Path, Path, str]:
     shutil.copy2(REPO / "config" / "prices.toml", config / "prices.toml")
     profiles = config / "profiles.toml"
     profiles.write_text((REPO / "config" / "profiles.toml").read_text("utf-8") + demo_profile(cfg.floor,
-                        cfg.exploration), "utf-8")  # fmt: skip
+                        cfg.exploration, cfg.cascade_margin), "utf-8")  # fmt: skip
     load_profiles(profiles)  # refuse a bad flag here, not in the server's log
     return root, profiles, source.name
 
@@ -321,7 +323,8 @@ def demo(cfg: DemoConfig, work: Path) -> dict[str, Any]:
     url = f"sqlite:///{work / 'decisions.db'}"
     result: dict[str, Any] = {"config": asdict(cfg), "work_dir": str(work), "prompts": source, "live_version": old}
     print(f"work directory {work}; serving {old} (a copy) with profile {PROFILE!r}: weak {WEAK}, strong {STRONG}, "
-          f"floor {cfg.floor}, exploration {cfg.exploration}")  # fmt: skip
+          f"floor {cfg.floor}, exploration {cfg.exploration}"
+          + (f", cascade margin {cfg.cascade_margin}" if cfg.cascade_margin is not None else ""))  # fmt: skip
     print(f"prompts: {cfg.n} + {cfg.n} of the {source['fold_prompts']} distinct MMLU prompts in fold "
           f"{source['fold']} of {source['k_folds']} (never trained on by {old})", flush=True)  # fmt: skip
 
@@ -418,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=defaults.n, help="prompts per phase (default %(default)s)")
     p.add_argument("--exploration", type=float, default=defaults.exploration, help="the demo profile's rate")
     p.add_argument("--floor", type=float, default=defaults.floor, help="the demo profile's quality floor")
+    p.add_argument("--cascade-margin", type=float, default=None,
+                   help="the demo profile's cascade_margin: the version's first stage decides what it is sure of, "
+                   "and a retrain refits each stage on its own decisions (default: none, the main encoder only)")
     p.add_argument("--keep", default="", help="work directory to keep (empty or new); result.json goes there")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--concurrency", type=int, default=defaults.concurrency)

@@ -97,3 +97,16 @@ def test_phase_figures():
     assert f["served"] == pytest.approx({"success": 2 / 3, "strong_share": 2 / 3, "usd_per_1k": 7.0})
     assert f["oracle"] == pytest.approx({"success": 2 / 3, "strong_share": 1 / 3, "usd_per_1k": 4.0})
     assert f["always_weak"]["success"] == pytest.approx(1 / 3) and f["always_strong"]["usd_per_1k"] == 10.0
+
+
+def test_the_demo_profile_may_cascade(tmp_path):
+    """--cascade-margin puts the margin into the demo profile (a valid one); without it there is none."""
+    from router.profiles import load_profiles
+    from tests.conftest import plain_profiles
+    from training.demo_loop import PROFILE, demo_profile
+
+    path = plain_profiles(tmp_path)
+    base = path.read_text("utf-8")
+    for margin in (None, 0.02):
+        path.write_text(base + demo_profile(0.6, 0.1, margin), "utf-8")
+        assert load_profiles(path)[PROFILE].cascade_margin == margin
