@@ -82,6 +82,22 @@ def expected_calibration_error(prob: npt.ArrayLike, outcome: npt.ArrayLike, bins
     return float(err)
 
 
+def calibrated_ece(prob: npt.ArrayLike, quantile: float = 0.95, draws: int = 400, bins: int = 10,
+                   seed: int = 0) -> float:
+    """The `quantile` of the ECE a perfectly calibrated predictor shows on these predictions, with
+    outcomes drawn from them: how large an ECE sampling noise alone makes on as many outcomes."""
+    prob = np.asarray(prob, np.float64)
+    if not len(prob):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    idx = np.minimum((prob * bins).astype(np.int64), bins - 1)
+    sum_p = np.bincount(idx, prob, minlength=bins)
+    y = (rng.random((draws, len(prob))) < prob).astype(np.float64)
+    sum_y = np.stack([np.bincount(idx, row, minlength=bins) for row in y])
+    ece = np.abs(sum_p - sum_y).sum(axis=1) / len(prob)  # = expected_calibration_error of each draw
+    return float(np.quantile(ece, quantile))
+
+
 def log_loss(prob: npt.ArrayLike, outcome: npt.ArrayLike) -> float:
     p = np.clip(np.asarray(prob, np.float64), 1e-7, 1 - 1e-7)
     y = np.asarray(outcome, np.float64)

@@ -256,6 +256,19 @@ def test_the_gate(candidate, promote):
     assert len(lines) == 3 and all(line.startswith(("[pass]", "[FAIL]", "[skip]")) for line in lines)
 
 
+def test_the_gate_allows_an_ece_within_sampling_noise():
+    """On few held-out outcomes a calibrated head's ECE is large by chance alone: the gate's ECE bar
+    is at least the 95th percentile of that noise (logged_metrics' ece_noise95)."""
+    live = figures(0.500, 0.04, 0.59)
+    noisy = figures(0.49, 0.08, 0.59)
+    assert gate(noisy, live)[0] is False  # above max(0.04 + 0.01, 0.05) with no noise figure
+    noisy["decision_log"]["ece_noise95"] = 0.10
+    ok, lines = gate(noisy, live)
+    assert ok and "noise 0.1000" in lines[1]
+    noisy["decision_log"]["ece"] = 0.11
+    assert gate(noisy, live)[0] is False
+
+
 @pytest.mark.parametrize(("first_stage", "promote"), [({"log_loss": 0.601, "ece": 0.03}, True),
                                                       ({"log_loss": 0.61, "ece": 0.03}, False)])
 def test_the_gate_checks_a_refitted_first_stage(first_stage, promote):

@@ -74,3 +74,15 @@ def test_cascade_curve_spans_first_stage_alone_to_main_alone(pair):
     assert apgrs[0.0] == pytest.approx(first_alone, abs=0.01) and shares[0.0] < 0.01
     assert first_alone < apgrs[0.05] < apgrs[0.2] <= apgrs[9.0] + 0.005
     assert shares[0.0] < shares[0.05] < shares[0.2] < shares[9.0]
+
+
+def test_calibrated_ece_is_the_noise_of_a_calibrated_predictor():
+    rng = np.random.default_rng(7)
+    small, large = rng.uniform(0.3, 0.95, 134), rng.uniform(0.3, 0.95, 5000)
+    bound = E.calibrated_ece(small)
+    # outcomes drawn from the predictions themselves: about 95 % of such ECEs fall under the bound
+    under = [E.expected_calibration_error(small, rng.random(134) < small) <= bound for _ in range(400)]
+    assert 0.9 <= np.mean(under) <= 0.99
+    assert E.calibrated_ece(large) < bound / 3  # noise shrinks with more outcomes
+    assert E.expected_calibration_error(small, np.zeros(134)) > bound  # a real miscalibration is beyond it
+    assert np.isnan(E.calibrated_ece([]))
