@@ -100,34 +100,43 @@ class Prompts:
 
 def read_log(
     url: str, profile: str | None = None, days: float | None = None, limit: int | None = None,
-    encoder: str | None = None,
-) -> Prompts:
+    encoder: str | None = None, first_stage: str | None = None,
+) -> tuple[Prompts, Prompts | None]:
     """The traffic a server logged (router.decisionlog): every decision, or those of one profile,
     of the last `days`, the newest `limit`. Prompts are not in the log unless the profile stored
-    them, so rules on prompt text see an empty prompt here. With `encoder`, only decisions whose
-    embedding that encoder made (not a cascade's first stage) are kept, with a warning."""
-    from router.decisionlog import DecisionLog, decode_embedding
+    them, so rules on prompt text see an empty prompt here. With `encoder`, the decisions whose
+    embedding that encoder made; with `first_stage` (a cascade's first-stage encoder), its
+    decisions apart, as the second item (None without one). Others are left out, with a warning."""
+    from router.decisionlog import DecisionLog
 
     since = dt.datetime.now(dt.UTC) - dt.timedelta(days=days) if days is not None else None
     with DecisionLog(url) as dlog:
         rows = [r for r in dlog.iter_decisions(since) if profile is None or r.profile == profile]
-    if encoder is not None:
-        mine = [r for r in rows if r.encoder in ("", encoder)]
-        if len(mine) < len(rows):
-            log.warning(
-                "%d of %d logged decisions were made by a cascade's first stage: their embeddings are another "
-                "encoder's and are left out, so the rest over-represents close calls; calibrate a cascade on a "
-                "--prompts file instead", len(rows) - len(mine), len(rows),
-            )
-        rows = mine
     rows = rows[-limit:] if limit is not None else rows
     if not rows:
         raise ValueError(f"{url}: no logged decisions" + (f" of profile {profile!r}" if profile else ""))
+    what = f"decision log ({len(rows)} decisions" + (f" of profile {profile}" if profile else "") + ")"
+    if encoder is None:
+        return _logged(rows, what), None
+    mine = [r for r in rows if r.encoder in ("", encoder)]
+    first = [r for r in rows if first_stage is not None and r.encoder == first_stage]
+    if len(mine) + len(first) < len(rows):
+        log.warning("%d of %d logged decisions were embedded by neither stage of this version and are left out",
+                    len(rows) - len(mine) - len(first), len(rows))  # fmt: skip
+    if not mine and not first:
+        raise ValueError(f"{url}: no logged decisions of this version's encoders")
+    return _logged(mine, what), _logged(first, what) if first else None
+
+
+def _logged(rows: Sequence[Any], what: str) -> Prompts:
+    """Prompts (with their logged embeddings, lengths and token counts) from decision-log rows."""
+    from router.decisionlog import decode_embedding
+
     return Prompts(
         texts=[r.prompt or "" for r in rows], keep=["head"] * len(rows),
         contexts=[RequestContext(workflow=r.workflow, tenant=r.tenant) for r in rows],
-        files=[f"decision log ({len(rows)} decisions" + (f" of profile {profile}" if profile else "") + ")"],
-        embedding=np.stack([decode_embedding(r.embedding) for r in rows]),
+        files=[what],
+        embedding=np.stack([decode_embedding(r.embedding) for r in rows]) if rows else None,
         chars=np.array([r.prompt_chars for r in rows], np.float32),
         input_tokens=np.array([r.input_tokens for r in rows], np.int64),
     )
@@ -266,9 +275,9 @@ def score(
     engine: RoutingEngine, profile: Profile, prompts: Prompts, cache_dir: Path | None = CACHE_DIR,
     stage: Stage | None = None,
 ) -> Scored:
-    """Per-tier quality and cost through the main stage, or through `stage` (a cascade's first)."""
-    if (stage is None and prompts.embedding is not None and prompts.chars is not None
-            and prompts.input_tokens is not None):  # logged traffic, already embedded by the main encoder
+    """Per-tier quality and cost through the main stage, or through `stage` (a cascade's first).
+    Logged traffic comes embedded already, by that stage's encoder (read_log)."""
+    if prompts.embedding is not None and prompts.chars is not None and prompts.input_tokens is not None:
         embedding, input_tokens, chars = prompts.embedding, prompts.input_tokens, prompts.chars
     else:
         embedding, input_tokens = embed(engine, prompts, cache_dir, stage)
@@ -430,7 +439,10 @@ def table(profile: Profile, result: dict[str, Any]) -> str:
         lines.append(f"  {'always ' + name:<22}{shares}{b['quality']:>10.4f}{b['cost_per_1k']:>10.3f}")
     if result["parameters"]:
         lines.append("  parameters: " + ", ".join(f"{k} = {v}" for k, v in result["parameters"].items()))
-    if c := result.get("cascade"):
+    if (c := result.get("cascade")) and c.get("as_logged"):
+        lines.append(f"  cascade: each logged decision scored by the stage that made it (the main encoder "
+                     f"{c['main_share']:.1%}, the first stage the rest)")
+    elif c:
         lines.append(f"  cascade (margin {c['margin']}): decided as served, the main encoder on "
                      f"{c['main_share']:.1%} of prompts, the first stage on the rest")
     lines.append("  quality: the head's predicted P(acceptable answer) of the chosen tier; USD/1k: expected cost "
@@ -653,23 +665,42 @@ class Cascaded:
 
 
 
+def joined(a: Prompts, b: Prompts) -> Prompts:
+    """Two sets of prompts as one, for deciding (their embeddings, of two encoders, are dropped)."""
+    cat = (lambda x, y: None if x is None or y is None else np.concatenate([x, y]))  # noqa: E731
+    return Prompts(a.texts + b.texts, a.keep + b.keep, a.contexts + b.contexts, sorted(set(a.files + b.files)),
+                   None, cat(a.chars, b.chars), cat(a.input_tokens, b.input_tokens))  # fmt: skip
+
+
 def run(
     profile: Profile, prompts: Prompts, model: LoadedModel, out_dir: Path | None, cache_dir: Path | None = CACHE_DIR,
-    check: bool = False,
+    check: bool = False, first_logged: Prompts | None = None,
 ) -> tuple[Profile, dict[str, Any]]:
     """Score, calibrate (unless `check`: the profile as it is), report. Returns the calibrated
-    profile and the record of what it does."""
-    if not len(prompts):
+    profile and the record of what it does. `first_logged`: logged decisions a cascade's first
+    stage made (read_log); each logged decision is then scored by the stage that made it, as
+    logged, since the log holds only that stage's embedding."""
+    if not len(prompts) + len(first_logged or ()):
         raise S.UnreachableTarget("no prompts to calibrate on")
     engine = RoutingEngine(model)
-    scored = score(engine, profile, prompts, cache_dir)
     cascade: Cascaded | None = None
-    if profile.cascade_margin is not None and engine.first is not None:
-        if prompts.embedding is not None and not any(prompts.texts):
-            log.warning("profile %s has a cascade, but logged decisions without prompts cannot be scored by its "
-                        "first stage: calibrating the main encoder alone", profile.name)
-        else:
-            cascade = Cascaded(scored, score(engine, profile, prompts, cache_dir, engine.first), prompts)
+    cascade_record: dict[str, Any] = {}
+    if first_logged is not None and engine.first is not None:
+        parts = [(p, score(engine, profile, p, cache_dir, stage))
+                 for p, stage in ((prompts, None), (first_logged, engine.first)) if len(p)]  # fmt: skip
+        scored = Scored(np.vstack([s.quality for _, s in parts]), np.vstack([s.cost for _, s in parts]),
+                        np.concatenate([s.input_tokens for _, s in parts]), engine.version)  # fmt: skip
+        main_share = len(prompts) / (len(prompts) + len(first_logged))
+        prompts = joined(prompts, first_logged) if len(prompts) else first_logged
+        cascade_record = {"cascade": {"margin": profile.cascade_margin, "main_share": main_share, "as_logged": True}}
+    else:
+        scored = score(engine, profile, prompts, cache_dir)
+        if profile.cascade_margin is not None and engine.first is not None:
+            if prompts.embedding is not None:  # logged by the main encoder alone: nothing for the first stage
+                log.warning("profile %s has a cascade, but the log holds no decision of its first stage: "
+                            "calibrating on the main encoder's decisions alone", profile.name)
+            else:
+                cascade = Cascaded(scored, score(engine, profile, prompts, cache_dir, engine.first), prompts)
     if check:
         params: dict[str, Any] = {}
     elif cascade is None:
@@ -677,7 +708,6 @@ def run(
     else:
         params = cascade.calibrate(profile)
     calibrated = with_fields(profile, params)
-    cascade_record: dict[str, Any] = {}
     if cascade is not None:
         sure = cascade.settled(calibrated)
         scored = cascade.as_served(calibrated, sure)
@@ -766,14 +796,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = overrides_from(args)
         profile = load_target(args.profiles, args.profile, overrides, placeholders=not args.check)
+        first_logged = None
         if args.from_log:
             model = load_model(args.model_dir, device="cpu")
-            prompts = read_log(args.from_log, args.log_profile, args.log_days, args.limit, model.manifest.encoder.name)
+            first = model.first_stage.encoder_spec.name if model.first_stage is not None else None
+            prompts, first_logged = read_log(args.from_log, args.log_profile, args.log_days, args.limit,
+                                             model.manifest.encoder.name, first)  # fmt: skip
         else:
             prompts = read_prompts(args.prompts, args.exclude_fold, args.k_folds, args.limit, args.fold)
             model = load_model(args.model_dir, device="cpu")
         calibrated, result = run(
-            profile, prompts, model, args.out or OUT / args.profile, CACHE_DIR if args.cache else None, args.check
+            profile, prompts, model, args.out or OUT / args.profile, CACHE_DIR if args.cache else None, args.check,
+            first_logged,
         )
     except S.UnreachableTarget as e:
         print(f"error: unreachable target for profile {args.profile!r}: {e}", file=sys.stderr)

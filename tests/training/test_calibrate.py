@@ -141,16 +141,23 @@ def test_round_up_never_spends_more() -> None:
 
 
 def test_calibrate_from_the_decision_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The traffic a server logged (embeddings, lengths, token counts; no prompts) is enough."""
+    """The traffic a server logged (embeddings, lengths, token counts; no prompts) is enough. A
+    cascade's logged decisions are each scored by the stage that made them (its embedding)."""
     import datetime as dt
 
     from router.decisionlog import DecisionLog, DecisionRecord, encode_embedding
     from router.engine import RouteQuery
 
-    rows = D.read_jsonl(require_data() / "mmlu.jsonl.gz")[:200]
+    rows = D.read_jsonl(require_data() / "mmlu.jsonl.gz")[:260]
     model = load_model(MODELS, device="cpu", intra_op_threads=0)
-    profile = load_profiles(PROFILES)["default"].model_copy(update={"cascade_margin": None})  # the main encoder
-    results = RoutingEngine(model).route_batch([RouteQuery(r["prompt"], profile) for r in rows])
+    assert model.first_stage is not None, "the shipped default is a cascade"
+    shipped = load_profiles(PROFILES)["default"]
+    plain = shipped.model_copy(update={"cascade_margin": None})  # the main encoder on every call
+    engine = RoutingEngine(model)
+    results = engine.route_batch([RouteQuery(r["prompt"], plain) for r in rows[:200]])
+    results += engine.route_batch([RouteQuery(r["prompt"], shipped) for r in rows[200:]])  # both stages
+    first = sum(r.encoder == model.first_stage.encoder_spec.name for r in results)
+    assert 0 < first < 60
     url = f"sqlite:///{tmp_path / 'log.db'}"
     now = dt.datetime.now(dt.UTC)
     with DecisionLog(url, salt="s") as dlog:
@@ -161,21 +168,22 @@ def test_calibrate_from_the_decision_log(tmp_path: Path, capsys: pytest.CaptureF
                 embedding=encode_embedding(res.embedding), prompt_hash=dlog.hash_prompt(r["prompt"]),
                 input_tokens=res.input_tokens, prompt_chars=len(r["prompt"]), encoder=res.encoder,
             ))
-        for i in range(30):  # decided by a cascade's first stage: another encoder, another size
+        for i in range(5):  # embedded by an encoder this version does not have: left out
             dlog.record(DecisionRecord(
-                decision_id=f"s{i}", created_at=now, profile="default", tier="budget", model="m", tier_index=0,
-                scores=(), reason="classifier", model_version=results[0].model_version,
-                embedding=encode_embedding(np.ones(256, np.float32)), prompt_hash=dlog.hash_prompt(str(i)),
-                input_tokens=5, prompt_chars=20, encoder="all-MiniLM-L6-v2-m2v-pca256",
+                decision_id=f"x{i}", created_at=now, profile="default", tier="budget", model="m", tier_index=0,
+                scores=(), reason="classifier", model_version="another", embedding=encode_embedding(np.ones(64)),
+                prompt_hash=dlog.hash_prompt(str(i)), input_tokens=5, prompt_chars=20, encoder="another-encoder",
             ))
     profiles = _profiles_copy(tmp_path)
     code = C.main(["--profile", "default", "--from-log", url, "--log-profile", "default", "--share", "frontier=0.2",
                    "--profiles", str(profiles), "--out", str(tmp_path / "out"), "--write"])
     assert code == 0
-    assert "on 200 prompts" in capsys.readouterr().out  # the first stage's 30 left out, not a crash
+    out = capsys.readouterr().out
+    assert "on 260 prompts" in out  # the other encoder's 5 left out, not a crash
+    assert f"each logged decision scored by the stage that made it (the main encoder {(260 - first) / 260:.1%}" in out
     written = load_profiles(profiles)["default"]
     assert written.calibrated is not None
-    assert written.calibrated["prompts"] == "decision log (200 decisions of profile default)"
+    assert written.calibrated["prompts"] == "decision log (265 decisions of profile default)"
     assert written.mode == "share" and written.floors is not None and len(written.floors) == 3
     assert written.calibrated["shares"][2] == pytest.approx(0.2, abs=0.006)
 
