@@ -47,6 +47,7 @@ class MicroBatcher(Generic[Q, R]):
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._running = False  # a batch is in the engine thread
         # Counters for metrics and the benchmark's "mean batch size formed".
         self.batches = 0
         self.batched_items = 0
@@ -54,6 +55,18 @@ class MicroBatcher(Generic[Q, R]):
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    def ran_inline(self, n: int) -> None:
+        """Count a batch of `n` the caller ran itself while the batcher was idle."""
+        self.batches += 1
+        self.batched_items += n
+        metrics.BATCH_SIZE.observe(n)
+
+    @property
+    def idle(self) -> bool:
+        """Started, not stopping, nothing queued and no batch in the engine: work the caller
+        runs itself now, on the loop, can neither overtake a queued request nor overlap a batch."""
+        return self._task is not None and not self._closing and not self._running and not self._queue
 
     def start(self) -> None:
         if self._task is not None:
@@ -112,6 +125,7 @@ class MicroBatcher(Generic[Q, R]):
             self.batches += 1
             self.batched_items += len(batch)
             metrics.BATCH_SIZE.observe(len(batch))
+            self._running = True
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._run_batch, [q for q, _ in batch]
@@ -126,6 +140,8 @@ class MicroBatcher(Generic[Q, R]):
                     if not fut.done():
                         fut.set_exception(e)
                 continue
+            finally:
+                self._running = False
             for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     max_batch_request: int = Field(
         256, ge=1, description="Most requests one RouteBatch call may carry."
     )
+    route_on_loop: bool = Field(
+        True, description="A Route call that finds the server quiet (engine idle, nothing else "
+        "ready on the event loop) is routed on the loop, without the hand-off to the engine "
+        "thread; false: every call goes through the batcher.",
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core."
     )

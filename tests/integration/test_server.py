@@ -52,7 +52,8 @@ async def server():
 @contextlib.contextmanager
 def engine_held(srv: RouterServer) -> Iterator[threading.Event]:
     """Every batch waits in the engine thread until the gate opens (or the block exits), so calls
-    pile up in the queue however fast the machine is."""
+    pile up in the queue however fast the machine is. No call is decided on the loop meanwhile
+    (RouterServer._route_now): every one goes through the batcher."""
     gate = threading.Event()
     engine = srv.engine
     run = engine.route_batch
@@ -62,10 +63,12 @@ def engine_held(srv: RouterServer) -> Iterator[threading.Event]:
         return run(queries)
 
     engine.route_batch = held  # type: ignore[method-assign]
+    srv.route_on_loop = False
     try:
         yield gate
     finally:
         gate.set()
+        srv.route_on_loop = srv.settings.route_on_loop
         del engine.route_batch  # the class's method again
 
 
@@ -220,6 +223,34 @@ async def test_invalid_utf8_is_invalid_argument_naming_the_field(server):
 async def test_overlong_prompt_is_truncated_not_rejected(stub):
     resp = await stub.Route(router_pb2.RouteRequest(prompt="word " * 50_000))
     assert resp.tier
+
+
+async def test_a_quiet_server_routes_on_the_loop_and_still_batches_under_load():
+    """Calls one at a time find the server quiet: the engine runs on the event loop's thread,
+    with the answers the batcher path gives. 64 calls at once go through the batcher, in batches."""
+    answers = {}
+    for on_loop in (True, False):
+        async with build_server(settings(route_on_loop=on_loop)) as srv, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            ran_on: list[str] = []
+            run = srv.engine.route_batch
+
+            def spy(queries, run=run, ran_on=ran_on):  # type: ignore[no-untyped-def]
+                ran_on.append(threading.current_thread().name)
+                return run(queries)
+
+            srv.engine.route_batch = spy  # type: ignore[method-assign]
+            got = [await stub.Route(router_pb2.RouteRequest(prompt=p)) for p in PROMPTS]
+            answers[on_loop] = [(r.encoder, r.tier, [s.quality for s in r.scores]) for r in got]
+            here = threading.current_thread().name
+            assert ran_on == ([here] if on_loop else ["engine_0"]) * len(PROMPTS)
+            assert srv.batcher.batches == srv.batcher.batched_items == len(PROMPTS)
+            if on_loop:
+                await asyncio.gather(*[stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[i % 4])) for i in range(64)])
+                batches, items = srv.batcher.batches - len(PROMPTS), srv.batcher.batched_items - len(PROMPTS)
+                assert items == 64 and batches < 32, f"64 calls at once ran as {batches} batches"
+    assert answers[True] == answers[False]
 
 
 async def test_full_queue_gets_resource_exhausted_at_once():
