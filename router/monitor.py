@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter, deque
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from router import metrics
 from router.engine import RouteQuery, RouteResult, RoutingEngine
+from router.profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +40,32 @@ class TierShares:
             n = max(sum(counts.values()), 1)
             return {t: counts[t] / n for t in tiers}
 
+    def share(self, profile: str, tier: str) -> float:
+        with self._lock:
+            return self._counts[profile][tier] / max(len(self._recent[profile]), 1) if profile in self._counts else 0.0
+
 
 class DriftMonitor:
-    """Live tier shares per profile against the profile's target shares, as Prometheus gauges."""
+    """Live tier shares per profile against the profile's target shares, as Prometheus gauges.
+
+    A decision only counts its tier; each share is computed when /metrics is read (the gauges
+    call TierShares.share), not on the request path."""
 
     def __init__(self, window: int) -> None:
         self.live = TierShares(window)
+        self._exported: set[tuple[str, str]] = set()  # (profile, profile version) with gauges wired
 
     def observe(self, query: RouteQuery, result: RouteResult) -> None:
         profile = query.profile
         self.live.add(profile.name, result.choice.tier)
-        for tier, share in self.live.shares(profile.name, profile.tier_names).items():
-            metrics.TIER_SHARE.labels(profile=profile.name, tier=tier).set(share)
+        if (profile.name, profile.version) not in self._exported:
+            self._export(profile)
+
+    def _export(self, profile: Profile) -> None:
+        self._exported.add((profile.name, profile.version))
+        for tier in profile.tier_names:
+            metrics.TIER_SHARE.labels(profile=profile.name, tier=tier).set_function(
+                functools.partial(self.live.share, profile.name, tier))
             if profile.shares and tier in profile.shares:
                 metrics.TIER_SHARE_TARGET.labels(profile=profile.name, tier=tier).set(profile.shares[tier])
 

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import grpc
+from prometheus_client import REGISTRY
 
 from router.server import build_server
 from router.v1 import router_pb2, router_pb2_grpc
@@ -98,3 +99,5 @@ async def test_live_tier_shares_are_tracked():
                 await stub.Route(router_pb2.RouteRequest(prompt="Hi", min_tier="mid", max_tier="mid"))
         shares = srv.drift.live.shares("default", ("budget", "mid", "frontier"))
         assert shares == {"budget": 0.0, "mid": 1.0, "frontier": 0.0}  # the window forgot the first 3
+        for tier, share in shares.items():  # what /metrics shows, computed when it is read
+            assert REGISTRY.get_sample_value("router_tier_share", {"profile": "default", "tier": tier}) == share
