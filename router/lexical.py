@@ -12,6 +12,7 @@ pair (a, b), so keys never collide. Every step is vectorized over the batch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,11 @@ class Lexicon:
     def size(self) -> int:
         return len(self.keys)
 
+    @functools.cached_property
+    def _idf_padded(self) -> F32:
+        """idf with a 0 at the padding index F (made once: it is the size of the lexicon)."""
+        return np.append(self.idf, np.float32(0.0))
+
     @classmethod
     def fit(cls, input_ids: I64, lengths: I64, vocab: int, min_df: int = 2) -> Lexicon:
         if min_df < 1:
@@ -102,7 +108,7 @@ class Lexicon:
         index.sort(axis=1)
         width = max(int((index < F).sum(axis=1).max()), 1)
         index = np.ascontiguousarray(index[:, :width])
-        value = np.append(self.idf, np.float32(0.0))[index]
+        value = self._idf_padded[index]
         norm = np.sqrt(np.square(value).sum(axis=1, keepdims=True))
         value = np.divide(value, norm, out=np.zeros_like(value), where=norm > 0)
         return index, value.astype(np.float32)
