@@ -106,8 +106,8 @@ class RouterServer:
     def _route_now(self, query: RouteQuery) -> RouteResult | None:
         """Route a lone call right here, on the event loop, when the server is quiet: the engine
         idle and nothing else ready to run on the loop. That skips the hand-off to the engine
-        thread and back, and the engine thread's wake-up (docs/benchmarks.md, "Quiet calls on
-        the loop"). Otherwise None: the call queues for the batcher, so batches form under load
+        thread and back, and the engine thread's wake-up (docs/benchmarks.md, "Quiet calls
+        routed on the event loop"). Otherwise None: the call queues for the batcher, so batches form under load
         as before. A call can neither overtake a queued one nor overlap a batch (batcher.idle),
         and the loop blocks only while no other work is waiting for it."""
         if not (self.route_on_loop and self.batcher.idle and _loop_quiet()):
