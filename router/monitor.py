@@ -36,13 +36,15 @@ class TierShares:
 
     def shares(self, profile: str, tiers: Sequence[str]) -> dict[str, float]:
         with self._lock:
-            counts = self._counts.get(profile, Counter())
-            n = max(sum(counts.values()), 1)
-            return {t: counts[t] / n for t in tiers}
+            return {t: self._share(profile, t) for t in tiers}
 
     def share(self, profile: str, tier: str) -> float:
         with self._lock:
-            return self._counts[profile][tier] / max(len(self._recent[profile]), 1) if profile in self._counts else 0.0
+            return self._share(profile, tier)
+
+    def _share(self, profile: str, tier: str) -> float:  # the lock held
+        counts = self._counts.get(profile)
+        return counts[tier] / max(len(self._recent[profile]), 1) if counts is not None else 0.0
 
 
 class DriftMonitor:
