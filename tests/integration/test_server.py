@@ -253,6 +253,24 @@ async def test_a_quiet_server_routes_on_the_loop_and_still_batches_under_load():
     assert answers[True] == answers[False]
 
 
+@pytest.mark.parametrize("on_loop", [True, False])
+async def test_an_engine_failure_is_internal_for_that_call_and_the_server_goes_on(on_loop, caplog):
+    async with build_server(settings(route_on_loop=on_loop)) as srv, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+
+        def broken(queries):  # type: ignore[no-untyped-def]
+            raise RuntimeError("engine exploded")
+
+        srv.engine.route_batch = broken  # type: ignore[method-assign]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0]))
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "see server log" in err.value.details()
+        assert "engine exploded" in caplog.text  # the traceback is in the log, not in the answer
+        del srv.engine.route_batch
+        assert (await stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0]))).tier
+
+
 async def test_full_queue_gets_resource_exhausted_at_once():
     async with build_server(settings(max_queue=2, max_batch_size=1)) as srv, \
             grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
