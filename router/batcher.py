@@ -56,8 +56,9 @@ class MicroBatcher(Generic[Q, R]):
     def queued(self) -> int:
         return len(self._queue)
 
-    def ran_inline(self, n: int) -> None:
-        """Count a batch of `n` the caller ran itself while the batcher was idle."""
+    def count_batch(self, n: int) -> None:
+        """Count a batch of `n` the engine ran: the worker's own, or one a caller ran itself while
+        the batcher was idle (RouterServer._route_now)."""
         self.batches += 1
         self.batched_items += n
         metrics.BATCH_SIZE.observe(n)
@@ -122,9 +123,7 @@ class MicroBatcher(Generic[Q, R]):
             metrics.QUEUE_DEPTH.set(len(self._queue))
             if not batch:
                 continue
-            self.batches += 1
-            self.batched_items += len(batch)
-            metrics.BATCH_SIZE.observe(len(batch))
+            self.count_batch(len(batch))
             self._running = True
             try:
                 results = await loop.run_in_executor(

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence, Sized
 
 import grpc
 import numpy as np
@@ -39,12 +39,17 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def _ready_queue() -> Sized | None:
+    """The running event loop's queue of callbacks ready to run: `_ready` in CPython's
+    BaseEventLoop (since 3.4); None on a loop without one (uvloop)."""
+    return getattr(asyncio.get_running_loop(), "_ready", None)
+
+
 def _loop_quiet() -> bool:
     """Nothing but the running callback is ready on this event loop. Measured at the start of a
-    Route handler: always 0 other ready callbacks at 1 call in flight, 1-6 in 96-97 % of calls at 8 or 32
-    in flight. asyncio keeps that queue in `_ready` (CPython's BaseEventLoop, since 3.4); on a loop
-    without one (uvloop) a call is never taken for quiet."""
-    ready = getattr(asyncio.get_running_loop(), "_ready", None)
+    Route handler: always 0 other ready callbacks at 1 call in flight, 1-6 in 96-97 % of calls at
+    8 or 32 in flight. On a loop that does not show its queue, a call is never taken for quiet."""
+    ready = _ready_queue()
     return ready is not None and not ready
 
 
@@ -107,13 +112,13 @@ class RouterServer:
         """Route a lone call right here, on the event loop, when the server is quiet: the engine
         idle and nothing else ready to run on the loop. That skips the hand-off to the engine
         thread and back, and the engine thread's wake-up (docs/benchmarks.md, "Quiet calls
-        routed on the event loop"). Otherwise None: the call queues for the batcher, so batches form under load
-        as before. A call can neither overtake a queued one nor overlap a batch (batcher.idle),
+        routed on the event loop"). Otherwise None: the call queues for the batcher, so batches
+        form under load as before. A call can neither overtake a queued one nor overlap a batch (batcher.idle),
         and the loop blocks only while no other work is waiting for it."""
         if not (self.route_on_loop and self.batcher.idle and _loop_quiet()):
             return None
         result = self._run_batch([query])[0]
-        self.batcher.ran_inline(1)
+        self.batcher.count_batch(1)
         return result
 
     async def reload_model(self) -> bool:
@@ -179,7 +184,7 @@ class RouterServer:
         if self.shadow is not None:  # a cold shadow would skip the first batches it is given
             await asyncio.to_thread(self._warm, self.shadow.engine, profile)
         self.batcher.start()
-        if self.route_on_loop and not hasattr(asyncio.get_running_loop(), "_ready"):
+        if self.route_on_loop and _ready_queue() is None:
             log.info("route_on_loop: this event loop (%s) does not show what is ready to run, so "
                      "every call goes through the batcher", type(asyncio.get_running_loop()).__name__)
         freeze_heap()
