@@ -492,11 +492,23 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     return {"out_dir": str(out), "metrics": metrics, "mlflow_run_id": run.run_id, "registry_version": registry_version}
 
 
-def arg_type(cls: type, name: str) -> type:
-    """The scalar type of a config dataclass field, for argparse (`int | None` -> int)."""
+def parse_bool(text: str) -> bool:
+    """argparse type for a bool field: true/false, yes/no, on/off or 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def arg_type(cls: type, name: str) -> Any:
+    """The scalar type of a config dataclass field, for argparse (`int | None` -> int; a bool
+    field takes true/false)."""
     hint = typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    kind = args[0] if args else hint
+    return parse_bool if kind is bool else kind
 
 
 def add_no_lexical(p: argparse.ArgumentParser) -> None:

@@ -179,3 +179,60 @@ def test_shipped_encoder_matches_sentence_transformers(model_dir):
     layers = int(cut.group(1)) if cut else None
     stats = encoder_parity(model_dir / "encoder.onnx", model_dir / "tokenizer.json", texts, 256, layers=layers)
     assert stats["mean"] >= 0.99, stats
+
+
+def _bar_terms(rng: np.random.Generator, X: np.ndarray, n_models: int = 2):
+    """Synthetic correctness outcomes (MMLU-style "bar" terms) that depend on X."""
+    from training.model import Terms
+
+    n = len(X)
+    truth = X[:, :3] @ rng.normal(size=(3, n_models))
+    row = np.repeat(np.arange(n), n_models)
+    model = np.tile(np.arange(n_models), n)
+    target = (rng.random(n * n_models) < 1 / (1 + np.exp(-3 * truth.ravel()))).astype(np.float32)
+    return Terms(row, model, np.zeros(n * n_models, np.int64), target, ("bar",), 0, n_models)
+
+
+def test_a_standardized_head_does_not_care_how_each_embedding_dimension_is_scaled(tmp_path):
+    """With `standardize` the head is fitted on each embedding dimension's z-score (the
+    length features left as they are), so rescaling a dimension changes nothing it
+    predicts; the standardization is folded into the exported weights, which ONNX runs
+    on the raw embedding."""
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(300, 6)).astype(np.float32)
+    chars = rng.integers(10, 3000, size=300).astype(np.float32)
+    terms = _bar_terms(rng, emb)
+    stretch = np.array([0.02, 5.0, 1.0, 0.3, 40.0, 1.0], np.float32)  # a few dimensions 100x apart
+    X = np.hstack([emb, length_features(chars)]).astype(np.float32)
+    X_stretched = np.hstack([emb * stretch, length_features(chars)]).astype(np.float32)
+    # a few L-BFGS steps: the same path from the same start (longer runs of a non-convex fit
+    # drift apart from float rounding alone)
+    kw = dict(hidden=4, steps=5, lexical_l2=None)
+
+    def quality(head: WinRateHead, X: np.ndarray) -> np.ndarray:
+        ability, difficulty = head.logits(X)
+        return 1 / (1 + np.exp(-(ability - difficulty[:, None])))
+
+    a = WinRateHead(standardize=True, **kw).fit(X, terms)
+    b = WinRateHead(standardize=True, **kw).fit(X_stretched, terms)
+    np.testing.assert_allclose(quality(a, X), quality(b, X_stretched), atol=1e-4)
+    # without it the ridge weighs each dimension by its raw scale, and the fit moves
+    c = WinRateHead(standardize=False, **kw).fit(X, terms)
+    d = WinRateHead(standardize=False, **kw).fit(X_stretched, terms)
+    assert np.abs(quality(c, X) - quality(d, X_stretched)).max() > 0.1
+    # folded into the raw-input weights (the hidden layer's too): ONNX on the stretched embedding agrees
+    assert export_head(b, tmp_path / "std.onnx", emb * stretch, chars) < 1e-4
+
+
+def test_a_bool_head_setting_is_read_as_true_or_false_on_the_command_line():
+    import argparse
+
+    from training.fit import arg_type
+    from training.model import HeadConfig
+
+    read = arg_type(HeadConfig, "standardize")
+    assert read("false") is False and read("No") is False and read("0") is False
+    assert read("true") is True and read("on") is True
+    with pytest.raises(argparse.ArgumentTypeError, match="true or false"):
+        read("maybe")
+    assert arg_type(HeadConfig, "hidden") is int
