@@ -162,8 +162,9 @@ class WinRateHead:
         import torch
 
         torch.manual_seed(self.seed)
-        shift, scale = self._standardization(X, np.unique(terms.row))
-        x = torch.from_numpy(np.ascontiguousarray((X - shift) / scale, np.float32))  # (N, dim)
+        train_rows = np.unique(terms.row)
+        shift, scale = self._standardization(X, train_rows)
+        x = torch.from_numpy(np.ascontiguousarray((X - shift) / scale if self.standardize else X, np.float32))
         n_in, n_models, n_data = x.shape[1], terms.n_models, len(terms.compare)
         dim = n_in + self.hidden  # width of x' (see the module docstring)
         row = torch.from_numpy(terms.row)
@@ -193,7 +194,6 @@ class WinRateHead:
         if self.lexical_l2 is not None:
             if tokens is None:
                 raise ValueError("a head with lexical_l2 needs the prompts' tokens")
-            train_rows = np.unique(terms.row)
             lexicon = Lexicon.fit(tokens.input_ids[train_rows], tokens.lengths[train_rows], tokens.vocab,
                                   self.lexical_min_df)
             phi = lexical_matrix(lexicon, tokens)  # (N, F) sparse
