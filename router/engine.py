@@ -237,11 +237,9 @@ class RoutingEngine:
             decided = None
             if cascade:
                 margin = float(profile.cascade_margin or 0.0)
-                plain = None
                 if profile.exploration_rate == 0:  # then the final decision is the unexplored one: make it once
                     decided = decide(profile, quality, tokens, texts, contexts, pinned, self._rng)
-                    plain = decided.choices
-                settled = settled_within(margin, profile, quality, tokens, texts, contexts, plain)
+                settled = settled_within(margin, profile, quality, tokens, texts, contexts, decided)
                 if not settled.all():  # the close ones go on to the main stage
                     close.extend(idx[rows[j]] for j in np.flatnonzero(~settled))
                     sel = np.flatnonzero(settled)

@@ -66,6 +66,7 @@ class Decided:
     choices: list[Choice]
     costs: npt.NDArray[np.float64]  # (B, T) expected USD per tier
     output_tokens: npt.NDArray[np.int64]  # (B,)
+    bounds: Bounds | None = None  # what the choices were made within (settled_within reuses it)
 
 
 @dataclass
@@ -133,18 +134,25 @@ def _bounds(profile: Profile, ctx: RequestContext, tokens: int, text: str, costs
     return row
 
 
-def decide(
-    profile: Profile,
-    quality: S.FloatArray,
-    input_tokens: npt.NDArray[np.int64],
-    texts: Sequence[str],
-    contexts: Sequence[RequestContext],
-    pinned_quality: dict[str, S.FloatArray] | None = None,
-    rng: np.random.Generator | None = None,
-) -> Decided:
-    """Decisions for one profile's rows of a batch. quality: (B, T) per tier of the profile;
-    pinned_quality: model -> (B,) quality for pin_model models the router model knows."""
-    b, t = quality.shape
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """What a batch's decisions depend on besides the quality: expected costs, and per row the
+    tiers that rules, overrides and escalation leave open (bounds(); decide and settled_within
+    share one)."""
+
+    rows: list[_Row]
+    allowed: npt.NDArray[np.bool_]  # (B, T); a refused row has every tier (so the choosers stay total)
+    costs: npt.NDArray[np.float64]  # (B, T) expected USD per tier
+    output_tokens: npt.NDArray[np.int64]  # (B,)
+    by_floor: npt.NDArray[np.bool_]  # (B,) rows a floor decides (the request's quality_floor, or escalation)
+    floors: npt.NDArray[np.float32]  # (B, 1) that floor (the profile's where the request sets none)
+    fixed: npt.NDArray[np.bool_]  # (B,) rows whose answer no quality can move: refused, or pinned
+
+
+def bounds(
+    profile: Profile, input_tokens: npt.NDArray[np.int64], texts: Sequence[str], contexts: Sequence[RequestContext]
+) -> Bounds:
+    t = len(profile.tiers)
     out_tokens = np.array(
         [c.output_tokens if c.output_tokens is not None else profile.expected_output_tokens for c in contexts],
         np.int64,
@@ -157,27 +165,59 @@ def decide(
         if r.refused:
             r.allowed = np.ones(t, bool)  # placeholder so the vectorized choosers stay total
     allowed = np.stack([r.allowed for r in rows]) if rows else np.zeros((0, t), bool)
-    everything = np.ones((b, t), bool)
+    by_floor = np.array([c.quality_floor is not None or c.escalate_from is not None for c in contexts], np.bool_)
+    floors = np.array(
+        [c.quality_floor if c.quality_floor is not None else profile.floor for c in contexts], np.float32
+    ).reshape(-1, 1)
+    fixed = np.array([bool(r.refused) or (r.pin is not None and c.escalate_from is None)
+                      for r, c in zip(rows, contexts, strict=True)], np.bool_)
+    return Bounds(rows, allowed, costs, out_tokens, by_floor, floors, fixed)
+
+
+def _mode(
+    profile: Profile, quality: S.FloatArray, b: Bounds, open_: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """The profile's mode among the open tiers: (tier per row, whether a tier cleared its floor)."""
+    if profile.mode == "floor":
+        return S.choose_floor(quality, profile.floor, open_)
+    if profile.mode == "share":
+        return S.choose_floor(quality, np.asarray(profile.floors), open_)
+    ones = np.ones(len(quality), bool)
+    if profile.mode == "budget":
+        return S.choose_budget(quality, b.costs, float(profile.budget_lambda or 0.0), open_), ones
+    return S.choose_rework(quality, b.costs, float(profile.rework_cost or 0.0), open_), ones
+
+
+def _chosen(profile: Profile, quality: S.FloatArray, b: Bounds) -> npt.NDArray[np.int64]:
+    """The tier decide gives each row that is not fixed, before exploration."""
+    idx = _mode(profile, quality, b, b.allowed)[0]
+    if b.by_floor.any():
+        idx = np.where(b.by_floor, S.choose_floor(quality, b.floors, b.allowed)[0], idx)
+    return idx
+
+
+def decide(
+    profile: Profile,
+    quality: S.FloatArray,
+    input_tokens: npt.NDArray[np.int64],
+    texts: Sequence[str],
+    contexts: Sequence[RequestContext],
+    pinned_quality: dict[str, S.FloatArray] | None = None,
+    rng: np.random.Generator | None = None,
+) -> Decided:
+    """Decisions for one profile's rows of a batch. quality: (B, T) per tier of the profile;
+    pinned_quality: model -> (B,) quality for pin_model models the router model knows."""
+    b, t = quality.shape
+    bnd = bounds(profile, input_tokens, texts, contexts)
+    rows, allowed, costs, out_tokens = bnd.rows, bnd.allowed, bnd.costs, bnd.output_tokens
 
     # the profile's mode, with and without the bounds (to say whether a bound moved the answer)
-    def mode(open_: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-        if profile.mode == "floor":
-            return S.choose_floor(quality, profile.floor, open_)
-        if profile.mode == "share":
-            return S.choose_floor(quality, np.asarray(profile.floors), open_)
-        if profile.mode == "budget":
-            return S.choose_budget(quality, costs, float(profile.budget_lambda or 0.0), open_), np.ones(b, bool)
-        return S.choose_rework(quality, costs, float(profile.rework_cost or 0.0), open_), np.ones(b, bool)
-
-    idx, cleared = mode(allowed)
+    idx, cleared = _mode(profile, quality, bnd, allowed)
     # the unbounded choice only matters where a bound narrowed the open tiers (to name it)
-    free = mode(everything)[0] if not allowed.all() else idx
+    free = _mode(profile, quality, bnd, np.ones((b, t), bool))[0] if not allowed.all() else idx
     by_floor, by_floor_cleared = idx, cleared
-    if any(c.quality_floor is not None or c.escalate_from is not None for c in contexts):
-        floors = np.array(
-            [c.quality_floor if c.quality_floor is not None else profile.floor for c in contexts], np.float32
-        )[:, None]
-        by_floor, by_floor_cleared = S.choose_floor(quality, floors, allowed)
+    if bnd.by_floor.any():
+        by_floor, by_floor_cleared = S.choose_floor(quality, bnd.floors, allowed)
     explore: npt.NDArray[np.bool_] = np.zeros(b, bool)
     if profile.exploration_rate > 0 and rng is not None:
         explore = np.asarray(rng.random(b) < profile.exploration_rate)
@@ -215,7 +255,7 @@ def decide(
                 propensity = 1.0 - profile.exploration_rate + profile.exploration_rate / len(open_)
         tier = profile.tiers[k]
         choices.append(Choice(tier.name, tier.model, k, float(quality[i, k]), reason, float(costs[i, k]), propensity))
-    return Decided(choices, costs, out_tokens)
+    return Decided(choices, costs, out_tokens, bnd)
 
 
 def settled_within(
@@ -225,27 +265,22 @@ def settled_within(
     input_tokens: npt.NDArray[np.int64],
     texts: Sequence[str],
     contexts: Sequence[RequestContext],
-    plain: Sequence[Choice] | None = None,
+    plain: Decided | None = None,
 ) -> npt.NDArray[np.bool_]:
     """Rows whose decision no change of each tier's quality by up to `margin` can move: the tier
     stays when the chosen tier's quality drops by `margin` and every other tier's rises by it.
     That is the worst case in every mode (floor and share: the chosen tier may fall under its floor
     and a cheaper one clear it; budget and rework: the best objective may lose to another), so a
     shift of all tiers together, which leaves budget and rework decisions alone, is not used.
-    Exploration is left out: the caller draws it on the final decision. `plain`: the decision at
-    `quality` without exploration, when the caller has made it already."""
-    if plain is None:
-        plain = decide(profile, quality, input_tokens, texts, contexts).choices
-    chosen = np.array([c.tier_index for c in plain], np.int64)
+    Refused and pinned rows are settled: no quality moves them. Exploration is left out: the
+    caller draws it on the final decision. `plain`: decide's answer for these rows, when the
+    caller has it (its bounds are reused; only the choosers run again)."""
+    b = plain.bounds if plain is not None and plain.bounds is not None else bounds(
+        profile, input_tokens, texts, contexts)
+    chosen = _chosen(profile, quality, b)
     shaken = np.asarray(quality, np.float32) + np.float32(margin)
-    has_tier = np.flatnonzero(chosen >= 0)  # a model pinned outside the tiers, or a refusal: no column
-    shaken[has_tier, chosen[has_tier]] -= np.float32(2 * margin)
-    worst = decide(profile, np.clip(shaken, 0.0, 1.0), input_tokens, texts, contexts).choices
-    return np.array(
-        [a.tier_index == b.tier_index and a.model == b.model and a.refused == b.refused
-         for a, b in zip(plain, worst, strict=True)],
-        np.bool_,
-    )
+    shaken[np.arange(len(chosen)), chosen] -= np.float32(2 * margin)
+    return b.fixed | (_chosen(profile, np.clip(shaken, 0.0, 1.0), b) == chosen)
 
 
 def _pinned(

@@ -258,3 +258,52 @@ def test_a_decision_near_its_threshold_is_not_settled(mode):
     q = np.array(near_far, np.float32)
     assert settled_within(0.05, p, q, tokens, texts, ctx).tolist() == [False, True]
     assert settled_within(0.001, p, q, tokens, texts, ctx).tolist() == [True, True]
+
+
+def settled_by_deciding_twice(margin, p, quality, tokens, texts, contexts):
+    """settled_within's definition, spelled out: decide, shake the qualities towards the worst
+    case for the chosen tier, decide again, and compare the whole answers."""
+    plain = decide(p, quality, tokens, texts, contexts).choices
+    shaken = quality + np.float32(margin)
+    for i, c in enumerate(plain):
+        if c.tier_index >= 0:
+            shaken[i, c.tier_index] -= np.float32(2 * margin)
+    worst = decide(p, np.clip(shaken, 0.0, 1.0), tokens, texts, contexts).choices
+    return [a.tier_index == b.tier_index and a.model == b.model and a.refused == b.refused
+            for a, b in zip(plain, worst, strict=True)]
+
+
+QUALITY = st.floats(0.0, 1.0, width=32) | st.floats(0.375, 0.625, width=32)  # often near a floor
+REQUESTS = st.builds(
+    RequestContext,
+    workflow=st.sampled_from(["", "legal-review", "audit"]),
+    stage=st.sampled_from(["", "", "summarize"]),
+    tenant=st.sampled_from(["", "", "acme"]),
+    min_tier=st.sampled_from([None, None, None, 0, 1, 2]),
+    max_tier=st.sampled_from([None, None, None, 0, 1, 2]),
+    quality_floor=st.none() | st.floats(0.3, 0.8),
+    max_cost=st.sampled_from([None, None, None, 0.0001, 0.008, 0.05]),
+    escalate_from=st.sampled_from([None, None, 0, 0, 1, 2]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(sorted(CASCADE_PROFILES)),
+    st.lists(st.tuples(st.lists(QUALITY, min_size=3, max_size=3), REQUESTS,
+                       st.sampled_from(["x", "This is CONFIDENTIAL."]), st.sampled_from([1000, 6000])),
+             min_size=1, max_size=6),
+    st.floats(0.0, 0.3),
+    st.booleans(),
+)
+def test_settled_within_is_deciding_twice_without_the_work(mode, rows, margin, reuse):
+    """settled_within reruns only the choosers on the bounds decide already made (from its own
+    Decided, or made afresh); its answer is the definition's, rules, pins, overrides,
+    escalation and refusals included."""
+    p = CASCADE_PROFILES[mode].model_copy(update={"rules": RULES, "pinned_prices": {"gpt-4o": (2.5, 10.0)}})
+    quality = np.array([r[0] for r in rows], np.float32)
+    contexts, texts = [r[1] for r in rows], [r[2] for r in rows]
+    tokens = np.array([r[3] for r in rows], np.int64)
+    plain = decide(p, quality, tokens, texts, contexts) if reuse else None
+    got = settled_within(margin, p, quality, tokens, texts, contexts, plain)
+    assert got.tolist() == settled_by_deciding_twice(margin, p, quality, tokens, texts, contexts)
