@@ -136,17 +136,16 @@ def _bounds(profile: Profile, ctx: RequestContext, tokens: int, text: str, costs
 
 @dataclass(frozen=True, slots=True)
 class Bounds:
-    """What a batch's decisions depend on besides the quality: expected costs, and per row the
-    tiers that rules, overrides and escalation leave open (bounds(); decide and settled_within
-    share one)."""
+    """What a batch's decisions depend on besides the quality: expected costs, per row the tiers
+    that rules, overrides and escalation leave open, and the rows a floor decides (bounds();
+    decide and settled_within share one)."""
 
     rows: list[_Row]
     allowed: npt.NDArray[np.bool_]  # (B, T); a refused row has every tier (so the choosers stay total)
     costs: npt.NDArray[np.float64]  # (B, T) expected USD per tier
     output_tokens: npt.NDArray[np.int64]  # (B,)
     by_floor: npt.NDArray[np.bool_]  # (B,) rows a floor decides (the request's quality_floor, or escalation)
-    floors: npt.NDArray[np.float32]  # (B, 1) that floor (the profile's where the request sets none)
-    fixed: npt.NDArray[np.bool_]  # (B,) rows whose answer no quality can move: refused, or pinned
+    floors: npt.NDArray[np.float32] | None  # (B, 1) that floor (else the profile's); None: no such row
 
 
 def bounds(
@@ -166,12 +165,12 @@ def bounds(
             r.allowed = np.ones(t, bool)  # placeholder so the vectorized choosers stay total
     allowed = np.stack([r.allowed for r in rows]) if rows else np.zeros((0, t), bool)
     by_floor = np.array([c.quality_floor is not None or c.escalate_from is not None for c in contexts], np.bool_)
-    floors = np.array(
-        [c.quality_floor if c.quality_floor is not None else profile.floor for c in contexts], np.float32
-    ).reshape(-1, 1)
-    fixed = np.array([bool(r.refused) or (r.pin is not None and c.escalate_from is None)
-                      for r, c in zip(rows, contexts, strict=True)], np.bool_)
-    return Bounds(rows, allowed, costs, out_tokens, by_floor, floors, fixed)
+    floors = None
+    if by_floor.any():
+        floors = np.array(
+            [c.quality_floor if c.quality_floor is not None else profile.floor for c in contexts], np.float32
+        )[:, None]
+    return Bounds(rows, allowed, costs, out_tokens, by_floor, floors)
 
 
 def _mode(
@@ -189,9 +188,9 @@ def _mode(
 
 
 def _chosen(profile: Profile, quality: S.FloatArray, b: Bounds) -> npt.NDArray[np.int64]:
-    """The tier decide gives each row that is not fixed, before exploration."""
+    """The tier decide gives each row that is neither refused nor pinned, before exploration."""
     idx = _mode(profile, quality, b, b.allowed)[0]
-    if b.by_floor.any():
+    if b.floors is not None:
         idx = np.where(b.by_floor, S.choose_floor(quality, b.floors, b.allowed)[0], idx)
     return idx
 
@@ -216,7 +215,7 @@ def decide(
     # the unbounded choice only matters where a bound narrowed the open tiers (to name it)
     free = _mode(profile, quality, bnd, np.ones((b, t), bool))[0] if not allowed.all() else idx
     by_floor, by_floor_cleared = idx, cleared
-    if bnd.by_floor.any():
+    if bnd.floors is not None:
         by_floor, by_floor_cleared = S.choose_floor(quality, bnd.floors, allowed)
     explore: npt.NDArray[np.bool_] = np.zeros(b, bool)
     if profile.exploration_rate > 0 and rng is not None:
@@ -280,7 +279,9 @@ def settled_within(
     chosen = _chosen(profile, quality, b)
     shaken = np.asarray(quality, np.float32) + np.float32(margin)
     shaken[np.arange(len(chosen)), chosen] -= np.float32(2 * margin)
-    return b.fixed | (_chosen(profile, np.clip(shaken, 0.0, 1.0), b) == chosen)
+    fixed = np.array([bool(r.refused) or (r.pin is not None and c.escalate_from is None)
+                      for r, c in zip(b.rows, contexts, strict=True)], np.bool_)
+    return fixed | (_chosen(profile, np.clip(shaken, 0.0, 1.0), b) == chosen)
 
 
 def _pinned(
