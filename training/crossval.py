@@ -62,6 +62,7 @@ class EvalConfig(HeadConfig):
     cascade_margins: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])
     limit: int | None = None
     track: bool = True
+    bootstrap_draws: int = 200  # resamples of the scored prompts for the APGR intervals; 0: none
 
 
 @dataclass
@@ -266,6 +267,10 @@ def evaluate_pair(
         }
         for name, c in curves.items()
     }
+    bootstrap = E.bootstrap_apgr(
+        {name: scores[name] for name in ("router_gain", "router_floor", "knn", "prompt_length")},
+        q_weak, q_strong, "router_gain", cfg.bootstrap_draws, cfg.seed,
+    ) if cfg.bootstrap_draws else {}
     per_group = {}
     for g in np.unique(pred.group[rows]):
         sel = pred.group[rows] == g
@@ -298,6 +303,7 @@ def evaluate_pair(
         "strong_mean": float(q_strong.mean()),
         "routers": figures,
         "per_group_apgr": per_group,
+        "bootstrap": bootstrap,
         "calibration": calibration,
         "cascade": cascade,
         # serving's floor rule reads the weak tier's quality as served: sigmoid(ability - difficulty)
@@ -388,6 +394,11 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"  {'router':<20}{'APGR':>7}{'CPT50':>8}{'CPT80':>8}")
         for name, f in p["routers"].items():
             lines.append(f"  {name:<20}{f['apgr']:>7.3f}{f['cpt50'] * 100:>7.0f}%{f['cpt80'] * 100:>7.0f}%")
+        if p.get("bootstrap"):
+            b = p["bootstrap"]
+            lines.append("  95 % intervals over resampled prompts (APGR; router_gain minus each): " + ", ".join(
+                f"{k} {v[0]:.3f}-{v[2]:.3f}" for k, v in b["apgr"].items()
+            ) + "; " + ", ".join(f"- {k} {v[0]:+.3f}..{v[2]:+.3f}" for k, v in b["router_gain_minus"].items()))
         cal = "  ".join(f"{k} ECE {v['ece']:.3f}" for k, v in p["calibration"].items())
         t = p["at_profile_threshold"]
         lines.append(f"  calibration: {cal}")
@@ -429,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "knn_k",
         "cascade_encoder_dir",
         "limit",
+        "bootstrap_draws",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=arg_type(EvalConfig, name), default=getattr(defaults, name))
     add_no_lexical(p)

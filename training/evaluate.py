@@ -51,6 +51,39 @@ def router_figures(score: npt.ArrayLike, q_weak: npt.ArrayLike, q_strong: npt.Ar
     }
 
 
+def bootstrap_apgr(
+    scores: dict[str, npt.ArrayLike],
+    q_weak: npt.ArrayLike,
+    q_strong: npt.ArrayLike,
+    reference: str,
+    draws: int = 200,
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """How much the APGR figures owe to which prompts were scored: each router's APGR, and the
+    paired difference of `reference` minus each other router, over `draws` resamples of the
+    prompts with replacement (the same resample for every router). Returns 2.5 / 50 / 97.5 %
+    quantiles. This is the test set's sampling noise only: the heads are not refitted."""
+    qw, qs = np.asarray(q_weak, np.float64), np.asarray(q_strong, np.float64)
+    sc = {name: np.asarray(v, np.float64) for name, v in scores.items()}
+    rng = np.random.default_rng(seed)
+    got: dict[str, list[float]] = {name: [] for name in sc}
+    for _ in range(draws):
+        idx = rng.integers(0, len(qw), len(qw))
+        if np.isclose(qw[idx].mean(), qs[idx].mean()):
+            continue  # no gap to recover in this resample
+        for name, v in sc.items():
+            got[name].append(apgr(routed_quality(v[idx], qw[idx], qs[idx]), qw[idx], qs[idx]))
+
+    def q(x: npt.ArrayLike) -> list[float]:
+        return [float(v) for v in np.quantile(np.asarray(x, np.float64), [0.025, 0.5, 0.975])]
+
+    ref = np.asarray(got[reference])
+    return {
+        "apgr": {name: q(v) for name, v in got.items()},
+        f"{reference}_minus": {name: q(ref - np.asarray(v)) for name, v in got.items() if name != reference},
+    }
+
+
 def random_curve(q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, draws: int = 50, seed: int = 0) -> F:
     """The random router's expected curve: the mean over `draws` seeded random orders
     (its APGR converges to 0.5; one draw on 800 prompts can land at 0.46 or 0.53)."""

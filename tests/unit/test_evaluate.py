@@ -86,3 +86,19 @@ def test_calibrated_ece_is_the_noise_of_a_calibrated_predictor():
     assert E.calibrated_ece(large) < bound / 3  # noise shrinks with more outcomes
     assert E.expected_calibration_error(small, np.zeros(134)) > bound  # a real miscalibration is beyond it
     assert np.isnan(E.calibrated_ece([]))
+
+
+def test_bootstrap_intervals_bracket_the_figure_and_order_the_routers(pair):
+    q_weak, q_strong = pair
+    rng = np.random.default_rng(7)
+    oracle = q_strong - q_weak
+    noisy = oracle + rng.normal(0.0, 1.0, len(oracle))  # a real but imperfect router
+    scores = {"noisy": noisy, "random": rng.random(len(oracle)), "noisy_again": noisy.copy()}
+    got = E.bootstrap_apgr(scores, q_weak, q_strong, "noisy", draws=100, seed=3)
+    point = E.router_figures(noisy, q_weak, q_strong)["apgr"]
+    lo, mid, hi = got["apgr"]["noisy"]
+    assert lo < point < hi and lo < mid < hi and 0 < hi - lo < 0.3
+    assert got["apgr"]["random"][2] < lo  # one fixed random order: its interval lies below the router's
+    assert got["noisy_minus"]["random"][0] > 0  # the router beats random in every resample's 2.5 %
+    assert got["noisy_minus"]["noisy_again"] == [0.0, 0.0, 0.0]  # a router against itself: no difference
+    assert E.bootstrap_apgr(scores, q_weak, q_strong, "noisy", draws=100, seed=3) == got  # seeded
