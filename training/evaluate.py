@@ -77,6 +77,8 @@ def bootstrap_apgr(
     def q(x: npt.ArrayLike) -> list[float]:
         return [float(v) for v in np.quantile(np.asarray(x, np.float64), [0.025, 0.5, 0.975])]
 
+    if not got[reference]:
+        return {}  # no resample had a gap: nothing to say
     ref = np.asarray(got[reference])
     return {
         "apgr": {name: q(v) for name, v in got.items()},

@@ -102,3 +102,8 @@ def test_bootstrap_intervals_bracket_the_figure_and_order_the_routers(pair):
     assert got["noisy_minus"]["random"][0] > 0  # the router beats random in every resample's 2.5 %
     assert got["noisy_minus"]["noisy_again"] == [0.0, 0.0, 0.0]  # a router against itself: no difference
     assert E.bootstrap_apgr(scores, q_weak, q_strong, "noisy", draws=100, seed=3) == got  # seeded
+
+
+def test_bootstrap_without_a_gap_in_any_resample_says_nothing():
+    same = np.ones(50)
+    assert E.bootstrap_apgr({"a": np.arange(50.0)}, same, same, "a", draws=10) == {}
