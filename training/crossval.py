@@ -269,7 +269,7 @@ def evaluate_pair(
     }
     bootstrap = E.bootstrap_apgr(
         {name: scores[name] for name in ("router_gain", "router_floor", "knn", "prompt_length")},
-        q_weak, q_strong, "router_gain", cfg.bootstrap_draws, cfg.seed,
+        q_weak, q_strong, ("router_gain", "router_floor"), cfg.bootstrap_draws, cfg.seed,
     ) if cfg.bootstrap_draws else {}
     per_group = {}
     for g in np.unique(pred.group[rows]):
@@ -396,9 +396,11 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"  {name:<20}{f['apgr']:>7.3f}{f['cpt50'] * 100:>7.0f}%{f['cpt80'] * 100:>7.0f}%")
         if p.get("bootstrap"):
             b = p["bootstrap"]
-            lines.append("  95 % intervals over resampled prompts (APGR; router_gain minus each): " + ", ".join(
-                f"{k} {v[0]:.3f}-{v[2]:.3f}" for k, v in b["apgr"].items()
-            ) + "; " + ", ".join(f"- {k} {v[0]:+.3f}..{v[2]:+.3f}" for k, v in b["router_gain_minus"].items()))
+            lines.append("  95 % intervals over resampled prompts, APGR: " + ", ".join(
+                f"{k} {v[0]:.3f}-{v[2]:.3f}" for k, v in b["apgr"].items()))
+            for ref in ("router_gain", "router_floor"):
+                lines.append(f"    {ref} minus: " + ", ".join(
+                    f"{k} {v[0]:+.3f}..{v[2]:+.3f}" for k, v in b[f"{ref}_minus"].items()))
         cal = "  ".join(f"{k} ECE {v['ece']:.3f}" for k, v in p["calibration"].items())
         t = p["at_profile_threshold"]
         lines.append(f"  calibration: {cal}")

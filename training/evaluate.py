@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -55,14 +57,15 @@ def bootstrap_apgr(
     scores: dict[str, npt.ArrayLike],
     q_weak: npt.ArrayLike,
     q_strong: npt.ArrayLike,
-    reference: str,
+    references: Sequence[str],
     draws: int = 200,
     seed: int = 0,
 ) -> dict[str, dict[str, list[float]]]:
     """How much the APGR figures owe to which prompts were scored: each router's APGR, and the
-    paired difference of `reference` minus each other router, over `draws` resamples of the
-    prompts with replacement (the same resample for every router). Returns 2.5 / 50 / 97.5 %
-    quantiles. This is the test set's sampling noise only: the heads are not refitted."""
+    paired difference of each of `references` minus every other router, over `draws` resamples of
+    the prompts with replacement (the same resample for every router). Returns 2.5 / 50 / 97.5 %
+    quantiles under "apgr" and "<reference>_minus". This is the test set's sampling noise only:
+    the heads are not refitted."""
     qw, qs = np.asarray(q_weak, np.float64), np.asarray(q_strong, np.float64)
     sc = {name: np.asarray(v, np.float64) for name, v in scores.items()}
     rng = np.random.default_rng(seed)
@@ -77,13 +80,14 @@ def bootstrap_apgr(
     def q(x: npt.ArrayLike) -> list[float]:
         return [float(v) for v in np.quantile(np.asarray(x, np.float64), [0.025, 0.5, 0.975])]
 
-    if not got[reference]:
+    if not any(got.values()):
         return {}  # no resample had a gap: nothing to say
-    ref = np.asarray(got[reference])
-    return {
-        "apgr": {name: q(v) for name, v in got.items()},
-        f"{reference}_minus": {name: q(ref - np.asarray(v)) for name, v in got.items() if name != reference},
-    }
+    out = {"apgr": {name: q(v) for name, v in got.items()}}
+    for ref in references:
+        out[f"{ref}_minus"] = {
+            name: q(np.asarray(got[ref]) - np.asarray(v)) for name, v in got.items() if name != ref
+        }
+    return out
 
 
 def random_curve(q_weak: npt.ArrayLike, q_strong: npt.ArrayLike, draws: int = 50, seed: int = 0) -> F:

@@ -94,16 +94,17 @@ def test_bootstrap_intervals_bracket_the_figure_and_order_the_routers(pair):
     oracle = q_strong - q_weak
     noisy = oracle + rng.normal(0.0, 1.0, len(oracle))  # a real but imperfect router
     scores = {"noisy": noisy, "random": rng.random(len(oracle)), "noisy_again": noisy.copy()}
-    got = E.bootstrap_apgr(scores, q_weak, q_strong, "noisy", draws=100, seed=3)
+    got = E.bootstrap_apgr(scores, q_weak, q_strong, ["noisy", "random"], draws=100, seed=3)
     point = E.router_figures(noisy, q_weak, q_strong)["apgr"]
     lo, mid, hi = got["apgr"]["noisy"]
     assert lo < point < hi and lo < mid < hi and 0 < hi - lo < 0.3
     assert got["apgr"]["random"][2] < lo  # one fixed random order: its interval lies below the router's
     assert got["noisy_minus"]["random"][0] > 0  # the router beats random in every resample's 2.5 %
     assert got["noisy_minus"]["noisy_again"] == [0.0, 0.0, 0.0]  # a router against itself: no difference
-    assert E.bootstrap_apgr(scores, q_weak, q_strong, "noisy", draws=100, seed=3) == got  # seeded
+    assert got["random_minus"]["noisy"][2] < 0  # and the other way round
+    assert E.bootstrap_apgr(scores, q_weak, q_strong, ["noisy", "random"], draws=100, seed=3) == got  # seeded
 
 
 def test_bootstrap_without_a_gap_in_any_resample_says_nothing():
     same = np.ones(50)
-    assert E.bootstrap_apgr({"a": np.arange(50.0)}, same, same, "a", draws=10) == {}
+    assert E.bootstrap_apgr({"a": np.arange(50.0)}, same, same, ["a"], draws=10) == {}
