@@ -39,6 +39,10 @@ from training.model import HEAD_FIELDS, HeadConfig, Terms, WinRateHead
 
 log = logging.getLogger(__name__)
 
+# the routers reported per group and with resampling intervals; the intervals also give the paired
+# difference of each of the served rankings (the gain and the floor) minus every other router
+COMPARED = ("router_gain", "router_floor", "knn", "prompt_length")
+
 CROSS_SPLITS = {  # name -> (train data sets, scored data sets)
     "mmlu->alpaca": (["mmlu"], ["alpaca_eval_binary", "alpaca_eval"]),
     "alpaca->mmlu": (["alpaca_eval", "alpaca_eval_binary"], ["mmlu"]),
@@ -268,8 +272,7 @@ def evaluate_pair(
         for name, c in curves.items()
     }
     bootstrap = E.bootstrap_apgr(
-        {name: scores[name] for name in ("router_gain", "router_floor", "knn", "prompt_length")},
-        q_weak, q_strong, ("router_gain", "router_floor"), cfg.bootstrap_draws, cfg.seed,
+        {name: scores[name] for name in COMPARED}, q_weak, q_strong, COMPARED[:2], cfg.bootstrap_draws, cfg.seed
     ) if cfg.bootstrap_draws else {}
     per_group = {}
     for g in np.unique(pred.group[rows]):
@@ -279,7 +282,7 @@ def evaluate_pair(
         per_group[int(g)] = {
             name: E.router_figures(s[sel], q_weak[sel], q_strong[sel])["apgr"]
             for name, s in scores.items()
-            if name in ("router_gain", "router_floor", "knn", "prompt_length")
+            if name in COMPARED
         }
     pairwise = np.where(q_strong > q_weak, 1.0, np.where(q_strong < q_weak, 0.0, 0.5))
     calibration = {
@@ -398,9 +401,10 @@ def table(result: dict[str, Any]) -> str:
             b = p["bootstrap"]
             lines.append("  95 % intervals over resampled prompts, APGR: " + ", ".join(
                 f"{k} {v[0]:.3f}-{v[2]:.3f}" for k, v in b["apgr"].items()))
-            for ref in ("router_gain", "router_floor"):
-                lines.append(f"    {ref} minus: " + ", ".join(
-                    f"{k} {v[0]:+.3f}..{v[2]:+.3f}" for k, v in b[f"{ref}_minus"].items()))
+            for key, diffs in b.items():
+                if key != "apgr":
+                    lines.append(f"    {key.replace('_minus', ' minus')}: " + ", ".join(
+                        f"{k} {v[0]:+.3f}..{v[2]:+.3f}" for k, v in diffs.items()))
         cal = "  ".join(f"{k} ECE {v['ece']:.3f}" for k, v in p["calibration"].items())
         t = p["at_profile_threshold"]
         lines.append(f"  calibration: {cal}")
