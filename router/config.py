@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         "under the repo; postgresql+psycopg://... to share one log between replicas; 'off' = no log "
         "(ReportOutcome then answers UNAVAILABLE).",
     )
+    outcome_wait_seconds: float = Field(
+        1.0, ge=0, le=30,
+        description="How long ReportOutcome keeps looking for a decision it cannot find yet before "
+        "answering NOT_FOUND: replicas sharing a log commit their decisions in the background (within "
+        "about 0.2 s), so an outcome sent to another replica can arrive first. 0 = answer at once.",
+    )
     decision_log_salt: str = Field(
         "",
         description="Secret salt of the prompt hashes in the log; empty = a random one kept in "

@@ -86,7 +86,8 @@ class RouterServer:
         )
         router_pb2_grpc.add_RouterServicer_to_server(
             RouterServicer(self.batcher, self.profiles, max_batch_request=settings.max_batch_request,
-                           decision_log=self.decision_log, drift=self.drift, route_now=self._route_now),
+                           decision_log=self.decision_log, drift=self.drift, route_now=self._route_now,
+                           outcome_wait_s=settings.outcome_wait_seconds),
             self.grpc,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

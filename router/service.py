@@ -278,8 +278,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, batcher: MicroBatcher[RouteQuery, RouteResult], profiles: LiveProfiles,
                  *, max_batch_request: int, decision_log: DecisionLog | None = None,
                  drift: DriftMonitor | None = None,
-                 route_now: Callable[[RouteQuery], RouteResult | None] | None = None) -> None:
+                 route_now: Callable[[RouteQuery], RouteResult | None] | None = None,
+                 outcome_wait_s: float = 1.0) -> None:
         self._batcher = batcher
+        self._outcome_wait_s = outcome_wait_s
         self._route_now = route_now  # routes a call at once when the server is quiet, else None (RouterServer)
         self._profiles = profiles
         self._max_batch_request = max_batch_request
@@ -329,12 +331,30 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if self._log is None:
             raise LogUnavailable("the decision log is off on this server (decision_log_url=off)")
         outcome = to_outcome(request)
-        stored, created = await asyncio.to_thread(self._log.report_outcome, outcome)  # returns after the commit
+        stored, created = await self._report(self._log, outcome)
         when = stored.reported_at.isoformat(timespec="seconds") if stored.reported_at else "?"
         return router_pb2.OutcomeResponse(
             decision_id=stored.decision_id, created=created,
             message="recorded" if created else f"already recorded at {when}; nothing changed",
         )
+
+
+    async def _report(self, log: DecisionLog, outcome: OutcomeRecord) -> tuple[OutcomeRecord, bool]:
+        """Store an outcome; returns after the commit. A decision that is not in the log yet may be
+        another replica's, still in that replica's buffer: look again, with growing pauses and no
+        thread held between tries, for up to `outcome_wait_s` before answering NOT_FOUND."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._outcome_wait_s
+        pause = 0.02
+        while True:
+            try:
+                return await asyncio.to_thread(log.report_outcome, outcome)
+            except UnknownDecision:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise
+                await asyncio.sleep(min(pause, left))
+                pause = min(2 * pause, 0.2)
 
 
 # -- undecodable requests ------------------------------------------------------------

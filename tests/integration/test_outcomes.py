@@ -100,3 +100,37 @@ def test_an_acknowledged_outcome_survives_kill_9(tmp_path):
         out = dlog.outcome(resp.decision_id)
         assert out is not None and out.success is False and out.rework and out.rework_cost == 0.5
         assert dlog.decision(resp.decision_id) is not None
+
+
+async def test_an_outcome_sent_to_another_replica_waits_for_the_decision_to_be_committed(tmp_path):
+    """Replicas sharing a log commit decisions in the background, so an outcome reported at once
+    to another replica can arrive before its decision: that replica keeps looking for up to
+    `outcome_wait_seconds` instead of answering NOT_FOUND."""
+    from router.server import build_server
+
+    shared = dict(decision_log_url=f"sqlite:///{tmp_path / 'shared.db'}", decision_log_salt="s")
+    async with build_server(settings(**shared)) as a, \
+            build_server(settings(**shared, outcome_wait_seconds=0)) as impatient, \
+            build_server(settings(**shared, outcome_wait_seconds=10)) as patient:
+        assert a.decision_log is not None
+        a.decision_log.flush_interval_s = 1.5  # A's writer commits 1.5 s after the decision at the earliest
+        channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}")
+                    for name, srv in (("a", a), ("impatient", impatient), ("patient", patient))}
+        stubs = {name: router_pb2_grpc.RouterStub(ch) for name, ch in channels.items()}
+        decided = await stubs["a"].Route(router_pb2.RouteRequest(prompt=PROMPTS[0], request_id="r-a"))
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # without the wait, the race is lost
+            await stubs["impatient"].ReportOutcome(
+                router_pb2.OutcomeRequest(decision_id=decided.decision_id, success=True))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert a.decision_log.pending == 1  # still only in A's buffer
+        ack = await stubs["patient"].ReportOutcome(router_pb2.OutcomeRequest(request_id="r-a", score=0.5))
+        assert ack.created and ack.decision_id == decided.decision_id
+        assert a.decision_log.pending == 0
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # an id no replica logged is still NOT_FOUND
+            await stubs["impatient"].ReportOutcome(router_pb2.OutcomeRequest(decision_id="nope", success=True))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        for ch in channels.values():
+            await ch.close()
+    with DecisionLog(shared["decision_log_url"], salt="s") as dlog:
+        stored = dlog.outcome(decided.decision_id)
+    assert stored is not None and stored.value == 0.5
