@@ -338,7 +338,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             message="recorded" if created else f"already recorded at {when}; nothing changed",
         )
 
-
     async def _report(self, log: DecisionLog, outcome: OutcomeRecord) -> tuple[OutcomeRecord, bool]:
         """Store an outcome; returns after the commit. A decision that is not in the log yet may be
         another replica's, still in that replica's buffer: look again, with growing pauses and no
