@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.machine import QuietRetry, describe, load_average, process_cpu_seconds
 from bench.prompts import DATA_DIR, Bucket, bucket_prompts, read_prompts
-from bench.serverproc import REPO, ServerProcess
+from bench.serverproc import REPO, ServerGroup
 from bench.stats import render, summarize
 from router.artifacts import EncoderSpec, Manifest, load_model, make_session, read_manifest, resolve_model_dir
 from router.engine import RouteQuery, RouteResult, RoutingEngine
@@ -151,7 +151,7 @@ def rotated(items: Sequence[T], by: int) -> list[T]:
     return [*items[by:], *items[:by]]
 
 
-def measure_bucket(bucket: Bucket, stub: router_pb2_grpc.RouterStub, server: ServerProcess,
+def measure_bucket(bucket: Bucket, stub: router_pb2_grpc.RouterStub, server: ServerGroup,
                    local: InProcess, quiet: QuietRetry, counts: dict[str, int]) -> dict[str, Any]:
     """Floor, engine, Route and naive on the same prompts, in alternating blocks (ROUNDS of
     each), so the slow spells of a noisy machine fall on all of them alike; a block during
@@ -185,13 +185,13 @@ def measure_bucket(bucket: Bucket, stub: router_pb2_grpc.RouterStub, server: Ser
                          {k: summarize(v) for k, v in times.items()}, handled[0] / handled[1])
 
 
-def route_seconds(server: ServerProcess) -> npt.NDArray[np.float64]:
+def route_seconds(server: ServerGroup) -> npt.NDArray[np.float64]:
     """The server's router_route_seconds (sum, count) for Route so far."""
     return np.array(server.histogram("router_route_seconds", method="Route"))
 
 
 def timed_block(fn: Callable[[T], object], items: Sequence[T], n: int, warmup: int,
-                server: ServerProcess) -> tuple[list[float], npt.NDArray[np.float64]]:
+                server: ServerGroup) -> tuple[list[float], npt.NDArray[np.float64]]:
     """time_calls, plus the server's Route handler (sum, count) over the timed calls."""
     time_calls(fn, items, 0, warmup)
     before = route_seconds(server)
@@ -221,10 +221,10 @@ def bucket_result(bucket: Bucket, noise: dict[str, Any], stats: dict[str, dict[s
     return result
 
 
-async def _drive(target: str, requests: Sequence[router_pb2.RouteRequest], in_flight: int,
+async def _drive(server: ServerGroup, requests: Sequence[router_pb2.RouteRequest], in_flight: int,
                  total: int, before: Callable[[], None]) -> tuple[list[float], float]:
     """`total` Route calls, `in_flight` of them outstanding at any time: latencies, wall time."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(server.target, options=server.channel_options) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         await stub.Route(requests[0])  # connect before the clock starts
         before()
@@ -242,7 +242,11 @@ async def _drive(target: str, requests: Sequence[router_pb2.RouteRequest], in_fl
         return latencies, time.perf_counter() - start
 
 
-def measure_level(server: ServerProcess, prompts: Sequence[str], in_flight: int, total: int,
+def server_cpu_seconds(server: ServerGroup) -> float:
+    return sum(process_cpu_seconds(pid) for pid in server.pids)
+
+
+def measure_level(server: ServerGroup, prompts: Sequence[str], in_flight: int, total: int,
                   quiet: QuietRetry) -> dict[str, Any]:
     """One sweep level: throughput, latency, the mean batch the server formed, CPU per call."""
     requests = [router_pb2.RouteRequest(prompt=p) for p in prompts]
@@ -250,14 +254,14 @@ def measure_level(server: ServerProcess, prompts: Sequence[str], in_flight: int,
 
     def before() -> None:
         items, batches = server.histogram("router_batch_size")
-        snap.update(items=items, batches=batches, server_cpu=process_cpu_seconds(server.pid),
+        snap.update(items=items, batches=batches, server_cpu=server_cpu_seconds(server),
                     client_cpu=time.process_time())
 
     load = load_average()[0]
     (latencies, wall), cores = quiet.run(
-        lambda: asyncio.run(_drive(server.target, requests, in_flight, total, before)))
+        lambda: asyncio.run(_drive(server, requests, in_flight, total, before)))
     client_cpu = time.process_time() - snap["client_cpu"]
-    server_cpu = process_cpu_seconds(server.pid) - snap["server_cpu"]
+    server_cpu = server_cpu_seconds(server) - snap["server_cpu"]
     items, batches = server.histogram("router_batch_size")
     items, batches = items - snap["items"], batches - snap["batches"]
     return {
@@ -282,7 +286,7 @@ def measure_route_batch(stub: router_pb2_grpc.RouterStub, prompts: Sequence[str]
             "latency": summarize(times)}
 
 
-def soak(server: ServerProcess, prompts: Sequence[str], total: int, size: int) -> dict[str, Any]:
+def soak(server: ServerGroup, prompts: Sequence[str], total: int, size: int) -> dict[str, Any]:
     """`total` decisions through sequential RouteBatch calls of `size` prompts, the server's
     resident memory sampled every tenth of the way: does it grow?"""
     cycle = itertools.cycle(prompts)
@@ -291,7 +295,7 @@ def soak(server: ServerProcess, prompts: Sequence[str], total: int, size: int) -
         for _ in range(max(1, len(prompts) // size))]
     samples = [(0, round(server.rss_mib(), 1))]
     done, step, start = 0, max(size, total // 10), time.perf_counter()
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(server.target, options=server.channel_options) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         for i in itertools.count():
             if done >= total:
@@ -364,14 +368,16 @@ def run(args: argparse.Namespace, counts: dict[str, int]) -> dict[str, Any]:
                       if manifest.cascade else None)
     report["machine"]["naive_torch_threads"] = local.naive and local.naive.torch_threads
     sweep_prompts = next(b for b in buckets if b.name == SWEEP_BUCKET).prompts
-    server = ServerProcess(model_dir, threads=args.threads, decision_log=args.decision_log,
-                           args=["--profiles-path", str(args.profiles), "--default-profile", args.profile])
+    server = ServerGroup(model_dir, replicas=args.replicas, threads=args.threads,
+                         decision_log=args.decision_log,
+                         args=["--profiles-path", str(args.profiles), "--default-profile", args.profile])
     report["server_command"] = server.command
+    report["replicas"] = args.replicas
     report["decision_log"] = args.decision_log or "on (temporary SQLite file)"
-    quiet = QuietRetry(os.getpid(), server.pid, max_cores=args.max_noise,
+    quiet = QuietRetry(os.getpid(), *server.pids, max_cores=args.max_noise,
                        patience_s=args.patience)
     try:
-        with grpc.insecure_channel(server.target) as channel:
+        with grpc.insecure_channel(server.target, options=server.channel_options) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             for b in buckets:  # warm the server up on every length before measuring anything
                 time_calls(stub.Route, [router_pb2.RouteRequest(prompt=p) for p in b.prompts],
@@ -428,6 +434,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the profile every call is routed with, server and in-process alike (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="ORT intra-op threads, server and floor alike; 0 = the server's default")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="server processes, each on its own port with --threads ORT threads, sharing "
+                   "one decision log; the client spreads calls over them round-robin (default: 1)")
     p.add_argument("--levels", type=_int_list, default=[1, 8, 32, 128],
                    help="calls in flight in the sweep, comma-separated (default: 1,8,32,128)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per RouteBatch call")

@@ -108,3 +108,60 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+class ServerGroup:
+    """`replicas` servers on ports of their own, sharing one decision log, behind one
+    round-robin gRPC target: the several-replicas set-up of the README. Metrics are summed over
+    the replicas; with one replica it is that server, its plain address and no options."""
+
+    def __init__(self, model_dir: Path, *, replicas: int, threads: int, decision_log: str = "",
+                 args: Sequence[str] = ()) -> None:
+        if replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {replicas}")
+        if not decision_log:  # on, as in production, one throwaway SQLite file for all replicas
+            self._log_dir = tempfile.TemporaryDirectory(prefix="bench-log-")
+            decision_log = f"sqlite:///{self._log_dir.name}/decisions.db"
+        self.servers: list[ServerProcess] = []
+        try:
+            for _ in range(replicas):
+                self.servers.append(ServerProcess(model_dir, threads=threads,
+                                                  decision_log=decision_log, args=args))
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(s.pid for s in self.servers)
+
+    @property
+    def command(self) -> list[str]:
+        return self.servers[0].command
+
+    @property
+    def target(self) -> str:
+        if len(self.servers) == 1:
+            return self.servers[0].target
+        return "ipv4:" + ",".join(s.target for s in self.servers)
+
+    @property
+    def channel_options(self) -> list[tuple[str, str]]:
+        """Spread the calls of one channel over the replicas, one call each in turn."""
+        return [("grpc.lb_policy_name", "round_robin")] if len(self.servers) > 1 else []
+
+    def rss_mib(self) -> float:
+        """Resident memory of all replicas together, in MiB."""
+        return sum(s.rss_mib() for s in self.servers)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return sum(s.metric(name, **labels) for s in self.servers)
+
+    def histogram(self, name: str, **labels: str) -> tuple[float, float]:
+        pairs = [s.histogram(name, **labels) for s in self.servers]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Stops every replica; the first non-zero exit code, else 0 (None if none ran)."""
+        codes = [s.stop(timeout) for s in self.servers]
+        return next((c for c in codes if c), codes[0] if codes else None)

@@ -88,11 +88,12 @@ def noise_lines(report: dict[str, Any]) -> list[str]:
 def render(report: dict[str, Any]) -> str:
     """The whole report as text (what `python -m bench` prints)."""
     m, rss, rb = report["machine"], report["server_rss_mib"], report["route_batch"]
-    tr = report["transport"]
+    tr, replicas = report["transport"], report.get("replicas", 1)
     lines = [
         f"tier-router latency benchmark: model {report['model_version']}, "
         f"profile {report.get('profile', {}).get('name', 'default')}, {m['cpu_model']}, "
-        f"{m['usable_cpus']} CPUs, intra-op threads {m['intra_op_threads']}, "
+        f"{m['usable_cpus']} CPUs, intra-op threads {m['intra_op_threads']}"
+        f"{f' in each of {replicas} server processes' if replicas > 1 else ''}, "
         f"load average {report['load_average']['start']} -> {report['load_average']['end']}",
         "",
         *noise_lines(report),
@@ -114,7 +115,8 @@ def render(report: dict[str, Any]) -> str:
         f"RouteBatch, {rb['batch']} prompts per call ({report['sweep_bucket']} tokens): "
         f"{rb['decisions_per_s']:.0f} decisions/s, call p50 {rb['latency']['p50_ms']:.1f} ms, "
         f"p99 {rb['latency']['p99_ms']:.1f} ms",
-        f"Server resident memory: {rss['after_warmup']:.0f} MiB after warm-up, "
+        f"Server resident memory{' (all replicas)' if replicas > 1 else ''}: "
+        f"{rss['after_warmup']:.0f} MiB after warm-up, "
         f"{rss['end']:.0f} MiB at the end",
         *([f"Cascade: the first stage decided {c['first']}, the main encoder {c['main']} "
            f"({c['main'] / (c['first'] + c['main']) * 100:.1f}%)"]
