@@ -221,13 +221,20 @@ def open_decision_log(settings: Settings) -> DecisionLog | None:
 
 
 def _local_salt() -> str:
+    """var/decision-log.salt, made on first use. Replicas started together on one host race to
+    make it: the first link wins and every one reads that salt, never one of its own."""
     path = DEFAULT_PATH.parent / "decision-log.salt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(secrets.token_hex(32))
         tmp.chmod(0o600)
-        tmp.replace(path)
+        try:
+            os.link(tmp, path)  # fails if the file exists: never replaces another's salt
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return path.read_text().strip()
 
 

@@ -309,3 +309,26 @@ def test_an_acknowledged_outcome_survives_kill_9(db_url: str) -> None:
         stored = log.outcome("d-kill")
         assert stored is not None and stored.success is True and stored.cost_usd == 0.5
         assert log.decision("d-kill") is not None
+
+
+def test_replicas_started_together_end_up_with_one_salt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two servers on one host, first start: both find no var/decision-log.salt. The one that
+    makes it second must take the first one's salt (else their prompt hashes never match)."""
+    from router import service
+
+    monkeypatch.setattr(service, "DEFAULT_PATH", tmp_path / "var" / "decisions.db")
+    salt_file = tmp_path / "var" / "decision-log.salt"
+    token_hex = service.secrets.token_hex
+
+    def the_other_replica_writes_first(n: int) -> str:  # between our check and our write
+        salt_file.write_text("salt-of-the-first-replica")
+        return token_hex(n)
+
+    monkeypatch.setattr(service.secrets, "token_hex", the_other_replica_writes_first)
+    assert service._local_salt() == "salt-of-the-first-replica"
+    assert salt_file.read_text() == "salt-of-the-first-replica"
+    assert [p.name for p in salt_file.parent.iterdir()] == ["decision-log.salt"]  # no temp file left
+    monkeypatch.setattr(service.secrets, "token_hex", token_hex)
+    salt_file.unlink()
+    made = service._local_salt()  # alone: a fresh random salt, kept
+    assert len(made) == 64 and salt_file.read_text() == made and service._local_salt() == made
