@@ -23,6 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
 
 
+def throwaway_decision_log() -> tuple[tempfile.TemporaryDirectory[str], str]:
+    """A temporary folder (removed when the object is dropped) and a SQLite log URL inside it."""
+    folder = tempfile.TemporaryDirectory(prefix="bench-log-")
+    return folder, f"sqlite:///{folder.name}/decisions.db"
+
+
 class ServerProcess:
     """`python -m router serve` on 127.0.0.1 with port 0 for gRPC and metrics; its log is kept."""
 
@@ -34,8 +40,7 @@ class ServerProcess:
                "--metrics-port", "0", "--device", "cpu", "--model-dir", str(model_dir),
                "--intra-op-threads", str(threads), *args]
         if not decision_log:  # the log is on, as in production, in a throwaway SQLite file
-            self._log_dir = tempfile.TemporaryDirectory(prefix="bench-log-")
-            decision_log = f"sqlite:///{self._log_dir.name}/decisions.db"
+            self._log_dir, decision_log = throwaway_decision_log()
         env = os.environ | {"HF_HUB_OFFLINE": "1", "ROUTER_DECISION_LOG_URL": decision_log,
                             "ROUTER_DECISION_LOG_SALT": "bench"} | dict(env or {})
         self.command = cmd
@@ -120,8 +125,7 @@ class ServerGroup:
         if replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {replicas}")
         if not decision_log:  # on, as in production, one throwaway SQLite file for all replicas
-            self._log_dir = tempfile.TemporaryDirectory(prefix="bench-log-")
-            decision_log = f"sqlite:///{self._log_dir.name}/decisions.db"
+            self._log_dir, decision_log = throwaway_decision_log()
         self.servers: list[ServerProcess] = []
         try:
             for _ in range(replicas):
