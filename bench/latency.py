@@ -459,7 +459,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.replicas > 1 and args.threads == 0:  # each would take one thread per core: oversubscribed
+        parser.error("--replicas above 1 needs --threads (e.g. 1): 0 gives every replica one ORT "
+                     "thread per core")
+    if args.replicas < 1:
+        parser.error(f"--replicas must be at least 1, got {args.replicas}")
     counts = {k: v if (v := getattr(args, k)) is not None else (QUICK if args.quick else FULL)[k]
               for k in FULL}
     report = run(args, counts)
