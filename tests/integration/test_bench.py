@@ -39,3 +39,17 @@ def test_quick_bench_runs_the_real_server_and_writes_its_report(tmp_path):
     assert any(n.startswith("Route p50 - first-stage floor p50 ms") for n in names)
     assert "1st-stage floor p50" in run.stdout
     assert "Route p50" in run.stdout and "wrote" in run.stdout
+
+
+def test_replicas_need_an_explicit_thread_count(capsys):
+    from bench.latency import main
+
+    for argv, message in ((["--replicas", "2"], "--replicas above 1 needs --threads"),
+                          (["--replicas", "0", "--threads", "1"], "--replicas must be at least 1")):
+        try:
+            main(argv)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"{argv} was accepted")
+        assert message in capsys.readouterr().err
