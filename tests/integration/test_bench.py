@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 from tests.integration.serveproc import server_env
 
@@ -46,10 +48,6 @@ def test_replicas_need_an_explicit_thread_count(capsys):
 
     for argv, message in ((["--replicas", "2"], "--replicas above 1 needs --threads"),
                           (["--replicas", "0", "--threads", "1"], "--replicas must be at least 1")):
-        try:
+        with pytest.raises(SystemExit) as refused:
             main(argv)
-        except SystemExit as e:
-            assert e.code == 2
-        else:
-            raise AssertionError(f"{argv} was accepted")
-        assert message in capsys.readouterr().err
+        assert refused.value.code == 2 and message in capsys.readouterr().err
