@@ -6,8 +6,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 from tests.conftest import REPO
 
@@ -37,4 +39,12 @@ def start_server(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str]
         proc.kill()
         proc.wait()
         raise AssertionError("server did not report SERVING:\n" + "".join(lines))
+    # Keep reading: a server that logs more than the pipe holds (64 KiB) would block on its
+    # next log line, and every call after it would hang. Its lines go to the test's stderr.
+    threading.Thread(target=_forward, args=(proc.stderr,), daemon=True).start()
     return proc, port
+
+
+def _forward(stream: IO[str] | None) -> None:
+    for line in stream or ():
+        sys.stderr.write(line)
