@@ -11,10 +11,10 @@ text longer than `WINDOW_CHARS_PER_TOKEN` characters per kept piece is cut at a 
 newline or ASCII punctuation character near that length (where that tokenizer always splits
 words, so every piece before the cut, or after it for the tail, is the same as in the whole text),
 and only that window is tokenized; if it holds too few pieces, the window grows until it does, or
-is the whole text. Tokenizing costs about 0.3-0.7 us per
-character, so without the window a 4 MB prompt held the server for 2-3 s. The pieces kept are the
-same either way; the count of the whole text's pieces (`full_lengths`, the cost estimate's input
-tokens) is then extrapolated from the window's pieces per character.
+is the whole text. Tokenizing costs about 0.3-0.7 us per character, so without the window a 4 MB
+prompt held the server for 2-3 s. The pieces kept are the same either way; the count of the whole
+text's pieces (`full_lengths`, the cost estimate's input tokens) is then extrapolated from the
+window's pieces per character.
 """
 
 from __future__ import annotations
@@ -73,12 +73,12 @@ class RouterTokenizer:
             tok.no_padding()  # we pad per batch ourselves, to the batch's longest
             tok.enable_truncation(max_length=max_tokens, direction=direction)
             self._by_side[side] = tok  # type: ignore[index]
-        bert = self._by_side["head"]
+        head = self._by_side["head"]
         # The window's cut is exact only where BERT's normalizer and pre-tokenizer decide the words.
-        self._window = isinstance(bert.normalizer, normalizers.BertNormalizer) and isinstance(
-            bert.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
-        self.vocab_size = self._by_side["head"].get_vocab_size()
-        post = self._by_side["head"].post_processor
+        self._window = isinstance(head.normalizer, normalizers.BertNormalizer) and isinstance(
+            head.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
+        self.vocab_size = head.get_vocab_size()
+        post = head.post_processor
         self._specials = post.num_special_tokens_to_add(False) if post is not None else 0
 
     def encode(self, texts: Sequence[str], keep: Sequence[Keep] | None = None) -> Encoded:
@@ -91,6 +91,7 @@ class RouterTokenizer:
         full = np.zeros(len(texts), np.int64)
         for side, tok in self._by_side.items():
             todo = [i for i, k in enumerate(keep) if k == side]
+            # without the window, every text fits in the first "window"
             chars = WINDOW_CHARS_PER_TOKEN * self.max_tokens if self._window else max(map(len, texts), default=0)
             while todo:
                 parts = [window(texts[i], chars, side) for i in todo]
