@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ from router.policy import RequestContext, decide, settled_within
 from router.profiles import Profile, ProfileError, catalog_path, load_prices, load_profiles, priced
 from router.tokenizer import Keep
 from training import data as D
+from training.embed import cache_file, read_cache, text_key, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -216,25 +216,6 @@ class Scored:
         return Scored(self.quality[mask], self.cost[mask], self.input_tokens[mask], self.model_version)
 
 
-def _text_key(text: str) -> bytes:
-    return hashlib.sha1(text.encode("utf-8")).digest()  # training.embed's key: the caches are one file
-
-
-def _read_cache(path: Path) -> dict[bytes, npt.NDArray[np.float32]]:
-    if not path.is_file():
-        return {}
-    with np.load(path) as z:
-        return dict(zip((bytes(k) for k in z["keys"]), z["vectors"], strict=True))
-
-
-def _write_cache(path: Path, cache: dict[bytes, npt.NDArray[np.float32]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    keys = list(cache)
-    np.savez(tmp, keys=np.array([np.frombuffer(k, np.uint8) for k in keys]), vectors=np.stack([cache[k] for k in keys]))
-    os.replace(tmp, path)
-
-
 def embed(
     engine: RoutingEngine, prompts: Prompts, cache_dir: Path | None = CACHE_DIR, stage: Stage | None = None
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
@@ -248,26 +229,24 @@ def embed(
     enc = stage.encoder_spec
     full = stage.tokenizer.encode(prompts.texts, prompts.keep).full_lengths
     out = np.empty((len(prompts), enc.dim), np.float32)
-    cache_path = cache_dir / f"{enc.sha256[:16]}-{enc.max_tokens}.npz" if cache_dir is not None else None
-    cache = _read_cache(cache_path) if cache_path is not None else {}
-    keys = [_text_key(t) if k == "head" else b"" for t, k in zip(prompts.texts, prompts.keep, strict=True)]
+    cache_path = cache_file(cache_dir, enc.sha256, enc.max_tokens) if cache_dir is not None else None
+    cache = read_cache(cache_path) if cache_path is not None else {}
+    keys = [text_key(t) if k == "head" else b"" for t, k in zip(prompts.texts, prompts.keep, strict=True)]
     todo = []
     for i, key in enumerate(keys):
         if key in cache:
             out[i] = cache[key]
         else:
             todo.append(i)
-    todo.sort(key=lambda i: len(prompts.texts[i]))  # chunks of similar length pad little
     log.info("%d of %d prompts embedded already (cache), embedding %d", len(prompts) - len(todo), len(prompts),
              len(todo))
-    for start in range(0, len(todo), 512):  # chunks, so a long file shows progress in the log
-        rows = todo[start : start + 512]
-        out[rows] = engine.embed([prompts.texts[i] for i in rows], [prompts.keep[i] for i in rows], stage)[0]
-        if start:
-            log.info("embedded %d of %d prompts", start + len(rows), len(todo))
+    for n, i in enumerate(todo, 1):  # one per run, as training.embed.Embedder and a quiet server do
+        out[i] = engine.embed([prompts.texts[i]], [prompts.keep[i]], stage)[0][0]
+        if n % 2000 == 0:
+            log.info("embedded %d of %d prompts", n, len(todo))
     new = {keys[i]: out[i] for i in todo if keys[i]}
     if cache_path is not None and new:
-        _write_cache(cache_path, cache | new)
+        write_cache(cache_path, cache | new)
     return out, full
 
 

@@ -219,7 +219,8 @@ PATH_FIELDS = ("data_dir", "encoder_dir", "cascade_encoder_dir", "models_dir")
 # Bump when training code changes what a config produces, so the version name changes too.
 # 2: win temperature fitted on the training prompts. 3: prompt-length features at the head's input.
 # 4: a ReLU layer in front of the head; per-pair win calibration. 5: lexical features (router.lexical).
-ALGORITHM = 5
+# 6: prompts embedded one per encoder run (training.embed.Embedder), not in batches.
+ALGORITHM = 6
 
 
 def portable_config(cfg: FitConfig) -> dict[str, Any]:
