@@ -23,6 +23,7 @@ from router.artifacts import DEFAULT_POINTER, MANIFEST, load_model, resolve_mode
 from training import data as D
 from training.fit import (
     ALGORITHM,
+    PATH_FIELDS,
     REPO,
     FitConfig,
     build_terms,
@@ -42,9 +43,13 @@ def source_config(manifest: dict[str, Any], data_dir: Path | None) -> FitConfig:
     if not recorded:
         raise ValueError(f"model {manifest['version']}: the manifest has no training config to fit the same way")
     known = {f.name for f in dataclasses.fields(FitConfig)}
-    cfg = FitConfig(**{k: v for k, v in recorded.items() if k in known})
+    # the record's paths are relative to the repository's parent (portable_config): back to absolute
+    kwargs: dict[str, Any] = {k: v for k, v in recorded.items() if k in known}
+    for k in PATH_FIELDS:
+        if kwargs.get(k) and not Path(kwargs[k]).is_absolute():
+            kwargs[k] = str(REPO.parent / kwargs[k])
+    cfg = FitConfig(**kwargs)
     where = Path(cfg.data_dir)
-    where = where if where.is_absolute() else REPO.parent / where
     return dataclasses.replace(cfg, data_dir=str(data_dir or (where if where.is_dir() else D.DATA_DIR)))
 
 

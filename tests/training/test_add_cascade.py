@@ -11,8 +11,8 @@ pytest.importorskip("torch")  # the head trains with torch (train extra)
 
 from router.artifacts import load_model, read_manifest, sha256_file  # noqa: E402
 from tests.conftest import MODELS, require_data  # noqa: E402
-from training.cascade import main  # noqa: E402
-from training.fit import FitConfig, fit  # noqa: E402
+from training.cascade import main, source_config  # noqa: E402
+from training.fit import FitConfig, fit, portable_config  # noqa: E402
 
 MAIN = MODELS / "encoder" / "all-MiniLM-L6-v2-int8"
 FIRST = MODELS / "encoder" / "all-MiniLM-L6-v2-first2-int8"  # any other encoder can be a first stage
@@ -52,3 +52,14 @@ def test_add_cascade_keeps_the_main_stage_and_registers_the_new_version(tmp_path
     (other / "mmlu.jsonl.gz").write_bytes((data_dir / "alpaca_eval.jsonl.gz").read_bytes())
     assert main(["--from", str(src), "--cascade-encoder-dir", str(FIRST), "--data-dir", str(other), "--no-track"]) == 2
     assert "not the data" in capsys.readouterr().err
+
+
+def test_the_recorded_config_comes_back_with_the_paths_it_was_recorded_from():
+    """A manifest records paths relative to the repository's parent; read back, they are the same
+    folders, and recorded again, the same strings (they used to gain the repository's name twice)."""
+    cfg = FitConfig(encoder_dir=str(FIRST), models_dir=str(MODELS), cascade_encoder_dir=str(MAIN))
+    recorded = portable_config(cfg)
+    assert recorded["encoder_dir"] == f"{MODELS.parent.name}/models/encoder/all-MiniLM-L6-v2-first2-int8"
+    back = source_config({"version": "v", "training": {"config": recorded}}, data_dir=None)
+    assert (back.encoder_dir, back.models_dir, back.cascade_encoder_dir) == (str(FIRST), str(MODELS), str(MAIN))
+    assert portable_config(back) | {"data_dir": ""} == recorded | {"data_dir": ""}
