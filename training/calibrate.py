@@ -55,7 +55,7 @@ from router.policy import RequestContext, decide, settled_within
 from router.profiles import Profile, ProfileError, catalog_path, load_prices, load_profiles, priced
 from router.tokenizer import Keep
 from training import data as D
-from training.embed import cache_file, read_cache, text_key, write_cache
+from training.embed import CACHE_DIR, cache_file, read_cache, text_key, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "config" / "profiles.toml"
 MODELS = REPO / "models"
 OUT = REPO / "build" / "calibrate"
-CACHE_DIR = REPO / ".cache" / "embeddings"  # shared with training.embed (same key: encoder sha256, max_tokens)
 FLOOR_SWEEP = np.linspace(0.0, 1.0, 101)
 LAMBDA_SWEEP = np.geomspace(1e-4, 10.0, 81)  # price of quality per USD per 1,000 requests (choose_budget)
 EXIT_UNREACHABLE = 2
