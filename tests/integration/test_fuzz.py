@@ -134,7 +134,6 @@ def test_any_route_request_is_decided_or_refused_naming_the_field(stub, request)
         check_decision(resp)
 
 
-
 @FUZZ
 @given(requests=st.lists(any_route, max_size=12))
 def test_any_batch_is_decided_or_refused_naming_the_entry(stub, requests):
