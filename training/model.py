@@ -23,7 +23,9 @@ data compare a model's answer with something else, so each data set adds its ter
 d(x) = x . w_d + b_d is the prompt's difficulty bar, s_ref the reference model's own
 ability (gpt-4-1106-preview, also MMLU's strong model, which ties the files together)
 and c_data a per-file judge offset. Serving reads quality = sigmoid(s_m - d) and
-win probability = sigmoid(s_t - s_cheapest) (router.scoring).
+win probability = sigmoid(s_t - s_cheapest) (router.scoring). Fitted on judged-vs-reference
+terms alone (no correctness data set), s_ref is held at 0 and d(x) at 0, so that quality reads
+P(beats the reference): otherwise absolute abilities are not identified (see `fit`).
 Because the final map is linear, the trained head collapses to one matrix (over x') for export,
 plus the (features, M + 1) lexical weights, which head.onnx gathers by feature index.
 """
@@ -200,6 +202,20 @@ class WinRateHead:
             L = torch.nn.Parameter(torch.zeros(lexicon.size, n_models + 1))
             params.append(L)
 
+        # Judged-vs-reference terms only see s_m - s_ref: adding any f(x) to every model's ability
+        # leaves their likelihood unchanged, so without a correctness ("bar") term the absolute
+        # abilities, and the quality read from them, are fixed only by the ridge, whose slight
+        # curvature L-BFGS barely follows from the seed's starting point (trained on AlpacaEval
+        # alone, MMLU's floor ranking was 0.550 / 0.487 / 0.610 for seeds 0 / 1 / 2, the gain
+        # ranking 0.532 / 0.531 / 0.542). Then the reference is the yardstick: its ability is held at 0, every other
+        # model's is its margin over the reference, and the untrained bar stays at 0, so a
+        # model's quality reads P(it beats the reference) (docs/evaluation.md, "Trained on
+        # AlpacaEval alone").
+        self.anchored_ = not any(terms.compare[d] == "bar" for d in np.unique(terms.dataset))
+        free = torch.ones(n_models)
+        if self.anchored_:
+            free[terms.reference] = 0.0
+
         def widen() -> torch.Tensor:
             return torch.cat([x, torch.relu(x @ W1 + c1)], dim=1) if self.hidden else x
 
@@ -212,6 +228,8 @@ class WinRateHead:
                 lex = torch.sparse.mm(phi, L)  # (N, M + 1)
                 ability, difficulty = ability + lex[:, :-1], difficulty + lex[:, -1]
                 penalty = float(self.lexical_l2 or 0.0) * L.square().sum()
+            if self.anchored_:
+                ability = ability * free
             s = ability[row, model]  # (K,)
             against = torch.where(is_bar, difficulty[row], ability[row, terms.reference] - offset[dset])
             loss = torch.nn.functional.binary_cross_entropy_with_logits(s - against, y, weight=weight)
@@ -258,6 +276,9 @@ class WinRateHead:
         with torch.no_grad():
             out_w = np.concatenate([(P @ V.T + A).numpy(), wd.numpy()[:, None]], axis=1).astype(np.float64)
             out_b = np.concatenate([b.numpy(), bd.numpy()[None]]).astype(np.float64)
+            if self.anchored_:  # the reference's column is held at 0 (see `free` above)
+                out_w[:, terms.reference] = 0.0
+                out_b[terms.reference] = 0.0
             w1 = W1.numpy().astype(np.float64)
             b1 = c1.numpy().astype(np.float64) - (shift / scale) @ w1
             w1 = w1 / scale[:, None]
@@ -270,6 +291,8 @@ class WinRateHead:
             self.train_loss_ = float(loss)
             self.lexicon_ = lexicon
             self.lexical_weight_ = None if L is None else L.numpy().astype(np.float32)  # (F, M + 1)
+            if self.anchored_ and self.lexical_weight_ is not None:
+                self.lexical_weight_[:, terms.reference] = 0.0
         self.n_models_ = n_models
         self.win_temperature_ = 1.0  # plain Bradley-Terry until training.fit calibrates it
         self.win_pairs_: list[Any] = []  # router.artifacts.WinPair, fitted by training.fit too
