@@ -206,11 +206,10 @@ class WinRateHead:
         # leaves their likelihood unchanged, so without a correctness ("bar") term the absolute
         # abilities, and the quality read from them, are fixed only by the ridge, whose slight
         # curvature L-BFGS barely follows from the seed's starting point (trained on AlpacaEval
-        # alone, MMLU's floor ranking was 0.550 / 0.487 / 0.610 for seeds 0 / 1 / 2, the gain
-        # ranking 0.532 / 0.531 / 0.542). Then the reference is the yardstick: its ability is held at 0, every other
-        # model's is its margin over the reference, and the untrained bar stays at 0, so a
-        # model's quality reads P(it beats the reference) (docs/evaluation.md, "Trained on
-        # AlpacaEval alone").
+        # alone, MMLU's floor ranking was 0.550 / 0.487 / 0.610 for seeds 0 / 1 / 2). So then the
+        # reference is the yardstick: its ability is held at 0, every other model's is its margin
+        # over the reference, and the untrained bar stays at 0, so a model's quality reads P(it
+        # beats the reference) (docs/evaluation.md, "Trained on AlpacaEval alone").
         self.anchored_ = not any(terms.compare[d] == "bar" for d in np.unique(terms.dataset))
         free = torch.ones(n_models)
         if self.anchored_:
