@@ -51,6 +51,15 @@ class WinPair(BaseModel):
     n: int = Field(0, ge=0, description="pairwise outcomes it was fitted on")
 
 
+class GateSpec(BaseModel):
+    """router.scoring.closed_form's logistic gate on the embedding: P(closed-form question)."""
+
+    weight: list[float] = Field(min_length=1)
+    bias: float
+    closed_prompts: int = Field(0, ge=0, description="training prompts from data sets graded right or wrong")
+    open_prompts: int = Field(0, ge=0, description="training prompts from data sets judged against a reference")
+
+
 class LexiconSpec(BaseModel):
     """The head's lexical features (router.lexical): their vocabulary and idf, in an .npz file."""
 
@@ -72,6 +81,12 @@ class HeadSpec(BaseModel):
     win_temperature: float = Field(1.0, gt=0, description="pooled; see router.scoring.pair_calibration")
     win_pairs: list[WinPair] = Field(default_factory=list, description="per-pair calibration; others use 1/T")
     lexicon: LexiconSpec | None = Field(None, description="lexical features beside the embedding, if any")
+    # Both or neither: the served win probability mixes win_pairs (closed-form questions) and
+    # open_win_pairs (open-ended requests) by the gate's P(closed-form) (router.scoring.win_rate)
+    gate: GateSpec | None = Field(None, description="P(closed-form question) from the embedding")
+    open_win_pairs: list[WinPair] = Field(
+        default_factory=list, description="per-pair calibration on open-ended requests (judged data sets)"
+    )
 
 
 class CascadeSpec(BaseModel):
@@ -261,6 +276,10 @@ def _load_stage(
         raise ArtifactError(f"{head_path}: takes {d}-d input, manifest says {head.input_dim}")
     if (m := _static_dim(head_sess, "out", 0)) is not None and m != len(head.models):
         raise ArtifactError(f"{head_path}: scores {m} models, manifest lists {len(head.models)}")
+    if head.gate is not None and len(head.gate.weight) != enc.dim:
+        raise ArtifactError(
+            f"{model_dir}: the head's gate has {len(head.gate.weight)} weights, the encoder gives {enc.dim}-d"
+        )
     return Stage(enc, head, tokenizer, encoder, head_sess, lexicon)
 
 

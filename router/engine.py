@@ -21,12 +21,28 @@ import onnxruntime as ort
 from router.artifacts import ArtifactError, LoadedModel, Stage
 from router.policy import Choice, Decided, RequestContext, decide, settled_within
 from router.profiles import Profile
-from router.scoring import pair_calibration, tier_quality, win_rate
+from router.scoring import closed_form, open_pair_calibration, pair_calibration, tier_quality, win_rate
 from router.tokenizer import Keep
 
 log = logging.getLogger(__name__)
 
-WinParams = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class WinParams:
+    """A stage's win calibration for one profile's tiers (router.scoring.win_rate): per tier
+    (scale, bias) against the cheapest tier; with a gate, also the open-ended calibration and the
+    gate's (weight, bias)."""
+
+    closed: tuple[F32, F32]
+    open: tuple[F32, F32] | None = None
+    gate: tuple[F32, float] | None = None
+
+    def win(self, ability: F32, embedding: F32) -> F32:
+        if self.gate is None or self.open is None:
+            return win_rate(ability, *self.closed)
+        return win_rate(ability, *self.closed, self.open, closed_form(embedding, *self.gate))
 Lexical = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]  # router.lexical.Lexicon.features
 PAD_RATIO = 1.3  # longest / shortest prompt in one encoder run
 
@@ -111,7 +127,15 @@ class RoutingEngine:
         key = (0 if stage is self.main else 1, tuple(profile.models))
         if key not in self._win_params:
             head = stage.head_spec
-            self._win_params[key] = pair_calibration(key[1], head.win_pairs, head.win_temperature)
+            closed = pair_calibration(key[1], head.win_pairs, head.win_temperature)
+            params = WinParams(closed)
+            if head.gate is not None:
+                params = WinParams(
+                    closed,
+                    open_pair_calibration(key[1], head.win_pairs, head.open_win_pairs, head.win_temperature),
+                    (np.asarray(head.gate.weight, np.float32), float(head.gate.bias)),
+                )
+            self._win_params[key] = params
         return self._win_params[key]
 
     def embed(
@@ -254,7 +278,7 @@ class RoutingEngine:
                         continue
             if decided is None:
                 decided = decide(profile, quality, tokens, texts, contexts, pinned, self._rng)
-            win = win_rate(sub_ability, *self.win_params(profile, stage))
+            win = self.win_params(profile, stage).win(sub_ability, embedding[rows])
             for j, row in enumerate(rows):
                 results[idx[row]] = RouteResult(
                     choice=decided.choices[j],

@@ -46,17 +46,40 @@ def tier_quality(ability: FloatArray, difficulty: FloatArray) -> FloatArray:
     return sigmoid(ability - difficulty[:, None])
 
 
-def win_rate(ability: FloatArray, scale: FloatArray, bias: FloatArray) -> FloatArray:
+def win_rate(
+    ability: FloatArray,
+    scale: FloatArray,
+    bias: FloatArray,
+    open_calibration: tuple[FloatArray, FloatArray] | None = None,
+    closed: FloatArray | None = None,
+) -> FloatArray:
     """Bradley-Terry P(tier t's answer beats the cheapest tier's) = sigmoid(scale_t (s_t - s_0) + bias_t).
 
     ability: (B, T) logits of the profile's tiers, cheap to expensive. scale, bias: (T,) per
     tier, from the model's per-pair calibration (pair_calibration), fitted by training so the
     probability is calibrated against pairwise outcomes (a tie counts one half); 1/T and 0
     where a pair had too few shared outcomes to fit its own (1 and 0: plain Bradley-Terry).
-    Column 0 is 0.5."""
-    win = sigmoid(scale * (ability - ability[:, :1]) + bias)
+    Column 0 is 0.5.
+
+    With `open_calibration` (scale, bias per tier, fitted on open-ended requests judged against
+    each other) and `closed` (B,), each row's P(closed-form question) from closed_form(), the
+    answer mixes the two: closed x the closed-form calibration + (1 - closed) x the open one.
+    Right and wrong answers tie far more often than judged answers do, so one calibration
+    cannot fit both kinds of request (docs/evaluation.md, "Win probability on open-ended requests")."""
+    diff = ability - ability[:, :1]
+    win = sigmoid(scale * diff + bias)
+    if open_calibration is not None and closed is not None:
+        c = closed.astype(np.float32)[:, None]
+        win = c * win + (1.0 - c) * sigmoid(open_calibration[0] * diff + open_calibration[1])
     win[:, 0] = 0.5
     return win
+
+
+def closed_form(embedding: FloatArray, weight: FloatArray, bias: float) -> FloatArray:
+    """P(the request is a closed-form question, graded right or wrong, rather than an open-ended
+    one judged against another answer): a logistic gate on the prompt's embedding (B, dim),
+    fitted by training on which kind of data set each training prompt came from."""
+    return sigmoid(embedding @ weight + np.float32(bias))
 
 
 def pair_calibration(
@@ -74,6 +97,16 @@ def pair_calibration(
             sc, b = fitted[(models[0], m)]
             scale[t], bias[t] = sc, -b  # 1 - sigmoid(sc (s_0 - s_t) + b) = sigmoid(sc (s_t - s_0) - b)
     return scale, bias
+
+
+def open_pair_calibration(
+    models: Sequence[str], pairs: Sequence[WinPairLike], open_pairs: Sequence[WinPairLike], temperature: float
+) -> tuple[FloatArray, FloatArray]:
+    """pair_calibration on open-ended requests: a pair fitted there (open_pairs) takes that
+    calibration, any other keeps its closed-form one (pairs), either way round."""
+    merged = {frozenset((p.first, p.second)): p for p in pairs}
+    merged |= {frozenset((p.first, p.second)): p for p in open_pairs}
+    return pair_calibration(models, list(merged.values()), temperature)
 
 
 def fit_platt(diff: npt.ArrayLike, outcome: npt.ArrayLike, ridge: float = 1e-3) -> tuple[float, float]:

@@ -32,6 +32,7 @@ from training.fit import (
     arg_type,
     build_terms,
     calibrate_win,
+    closed_probability,
     head_inputs,
     win_probability,
 )
@@ -200,7 +201,8 @@ def evaluate_pair(
     diff = pred.ability[rows, data.models.index(strong)] - pred.ability[rows, data.models.index(weak)]
     for g in np.unique(pred.group[rows]):  # as served: each group's head with its own calibration
         sel = pred.group[rows] == g
-        win[sel] = win_probability(pred.heads[int(g)], strong, weak, diff[sel])
+        head = pred.heads[int(g)]
+        win[sel] = win_probability(head, strong, weak, diff[sel], closed_probability(head, X[rows[sel]]))
     lengths = np.array([len(data.prompts[r]) for r in rows], np.float64)
 
     emb = X[:, : X.shape[1] - len(LENGTH_FEATURES)]  # kNN: cosine on the embedding alone

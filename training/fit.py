@@ -15,9 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from router.artifacts import DEFAULT_POINTER, MANIFEST, MANIFEST_FORMAT, WinPair, load_model, sha256_file
+from router.artifacts import DEFAULT_POINTER, MANIFEST, MANIFEST_FORMAT, GateSpec, WinPair, load_model, sha256_file
 from router.lexical import Tokens
-from router.scoring import LENGTH_FEATURES, fit_platt, fit_temperature, length_features, pair_calibration, sigmoid
+from router.scoring import (
+    LENGTH_FEATURES,
+    closed_form,
+    fit_platt,
+    fit_temperature,
+    length_features,
+    open_pair_calibration,
+    pair_calibration,
+    sigmoid,
+    win_rate,
+)
 from training import data as D
 from training import evaluate as E
 from training.embed import Embedder
@@ -67,28 +77,45 @@ def build_terms(data: D.RoutingData) -> Terms:
 
 
 def pairwise_by_pair(
-    data: D.RoutingData, ability: np.ndarray, rows: np.ndarray
-) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    data: D.RoutingData, ability: np.ndarray, rows: np.ndarray, *, against_reference: bool = False
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """For every pair of models labeled on the same prompts (over `rows`): their ability
-    differences and outcomes (1 first better, 0 worse, 0.5 tie)."""
-    found: dict[tuple[str, str], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    differences, outcomes (1 first better, 0 worse, 0.5 tie) and prompt rows. With
+    `against_reference`, instead the comparisons the judged data sets made: each judged model
+    against the reference, (model, reference), whose outcome is the label itself."""
+    found: dict[tuple[str, str], tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]] = {}
+
+    def add(first: str, second: str, diff: np.ndarray, outcome: np.ndarray, at: np.ndarray) -> None:
+        diffs, outcomes, where = found.setdefault((first, second), ([], [], []))
+        diffs.append(diff)
+        outcomes.append(outcome)
+        where.append(at)
+
     for name in data.datasets:
+        judged = D.FILES[name]["compare"] == "reference"
+        if against_reference and not judged:
+            continue
         drows, models, mat = data.outcome_matrix(name)
         keep = np.isin(drows, rows)
         drows, mat = drows[keep], mat[keep]
         cols = [data.models.index(m) for m in models]
+        if against_reference:
+            ref = data.models.index(D.REFERENCE_MODEL)
+            for i, m in enumerate(models):
+                add(m, D.REFERENCE_MODEL, ability[drows, cols[i]] - ability[drows, ref], mat[:, i].astype(np.float64),
+                    drows)
+            continue
         for i in range(len(cols)):
             for j in range(i + 1, len(cols)):
-                diffs, outcomes = found.setdefault((models[i], models[j]), ([], []))
-                diffs.append(ability[drows, cols[i]] - ability[drows, cols[j]])
-                outcomes.append(np.sign(mat[:, i] - mat[:, j]) * 0.5 + 0.5)
-    return {k: (np.concatenate(d), np.concatenate(o)) for k, (d, o) in found.items()}
+                add(models[i], models[j], ability[drows, cols[i]] - ability[drows, cols[j]],
+                    np.sign(mat[:, i] - mat[:, j]) * 0.5 + 0.5, drows)
+    return {k: (np.concatenate(d), np.concatenate(o), np.concatenate(r)) for k, (d, o, r) in found.items()}
 
 
 def pairwise_outcomes(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """pairwise_by_pair pooled over all pairs (the data a win temperature is fitted on)."""
     by_pair = pairwise_by_pair(data, ability, rows)
-    return (np.concatenate([d for d, _ in by_pair.values()]), np.concatenate([o for _, o in by_pair.values()]))
+    return (np.concatenate([d for d, _, _ in by_pair.values()]), np.concatenate([o for _, o, _ in by_pair.values()]))
 
 
 def fit_win_temperature(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray) -> float:
@@ -103,27 +130,75 @@ def calibrate_win(
     data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None = None
 ) -> None:
     """Set the head's pooled win temperature and its per-pair calibration from `rows`."""
-    ability, _ = head.logits(X, tokens)  # once for both
+    ability, _ = head.logits(X, tokens)  # once for all
     head.win_temperature_ = fit_win_temperature(data, ability, rows)
     head.win_pairs_ = fit_win_pairs(data, ability, rows)
+    head.gate_ = fit_gate(data, X, rows)
+    head.open_win_pairs_ = fit_win_pairs(data, ability, rows, judged=True) if head.gate_ is not None else []
 
 
-def fit_win_pairs(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray) -> list[WinPair]:
+def fit_win_pairs(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray, *, judged: bool = False) -> list[WinPair]:
     """Per-pair Platt calibration of the win probability on the training prompts (`ability`:
     the head's logits on every row): one temperature cannot fit every pair (MMLU's correctness
-    ties and AlpacaEval's judged preferences sit on different scales)."""
+    ties and AlpacaEval's judged preferences sit on different scales). `judged`: the pairs of
+    each judged model with the reference it was judged against, for open-ended requests."""
     pairs = []
-    for (a, b), (diff, outcome) in sorted(pairwise_by_pair(data, ability, rows).items()):
+    for (a, b), (diff, outcome, _) in sorted(pairwise_by_pair(data, ability, rows, against_reference=judged).items()):
         if len(diff) >= MIN_PAIR_OUTCOMES:
             scale, bias = fit_platt(diff, outcome)
             pairs.append(WinPair(first=a, second=b, scale=scale, bias=bias, n=len(diff)))
     return pairs
 
 
-def win_probability(head: WinRateHead, first: str, second: str, diff: np.ndarray) -> np.ndarray:
-    """What the server answers for P(first beats second) given s_first - s_second."""
-    scale, bias = pair_calibration([second, first], head.win_pairs_, head.win_temperature_)
-    return sigmoid(scale[1] * diff + bias[1])
+def prompt_kinds(data: D.RoutingData) -> np.ndarray:
+    """(n_rows,) 1 for a prompt from a data set graded right or wrong, 0 for one judged against a reference."""
+    return np.array([D.FILES[data.datasets[d]]["compare"] == "bar" for d in data.row_dataset()], np.int64)
+
+
+# inverse ridge of the gate's logistic regression (docs/evaluation.md, "Win probability on open-ended requests")
+GATE_C = 1.0
+
+
+def fit_gate(data: D.RoutingData, X: np.ndarray, rows: np.ndarray) -> GateSpec | None:
+    """router.scoring.closed_form's gate, fitted on the training prompts' embeddings (not the
+    length features) to tell which kind of data set each came from; None unless both kinds are there."""
+    from sklearn.linear_model import LogisticRegression
+
+    kind = prompt_kinds(data)[rows]
+    if kind.min() == kind.max():
+        return None
+    emb = X[rows, : X.shape[1] - len(LENGTH_FEATURES)]
+    lr = LogisticRegression(C=GATE_C, class_weight="balanced", max_iter=5000).fit(emb, kind)
+    return GateSpec(
+        weight=[float(w) for w in lr.coef_[0].astype(np.float32)],
+        bias=float(np.float32(lr.intercept_[0])),
+        closed_prompts=int(kind.sum()),
+        open_prompts=int(len(kind) - kind.sum()),
+    )
+
+
+def closed_probability(head: WinRateHead, X: np.ndarray) -> np.ndarray | None:
+    """The head's gate on head inputs X (embedding and length features): P(closed-form) per row."""
+    gate = getattr(head, "gate_", None)
+    if gate is None:
+        return None
+    dim = X.shape[1] - len(LENGTH_FEATURES)
+    return closed_form(np.asarray(X[:, :dim], np.float32), np.asarray(gate.weight, np.float32), gate.bias)
+
+
+def win_probability(
+    head: WinRateHead, first: str, second: str, diff: np.ndarray, closed: np.ndarray | None = None
+) -> np.ndarray:
+    """What the server answers for P(first beats second) given s_first - s_second, and for a
+    head with a gate, each row's P(closed-form) (closed_probability)."""
+    models = [second, first]
+    scale, bias = pair_calibration(models, head.win_pairs_, head.win_temperature_)
+    ability = np.stack([np.zeros_like(diff), diff], axis=1).astype(np.float32)
+    gate = getattr(head, "gate_", None)
+    if gate is None or closed is None:
+        return win_rate(ability, scale, bias)[:, 1]
+    open_cal = open_pair_calibration(models, head.win_pairs_, head.open_win_pairs_, head.win_temperature_)
+    return win_rate(ability, scale, bias, open_cal, closed)[:, 1]
 
 
 def mmlu_routing_figures(
@@ -139,7 +214,8 @@ def mmlu_routing_figures(
     mw, ms = data.models.index(models[weak]), data.models.index(models[strong])
     p_weak = sigmoid(ability[:, mw] - difficulty)
     p_strong = sigmoid(ability[:, ms] - difficulty)
-    win = win_probability(head, models[strong], models[weak], ability[:, ms] - ability[:, mw])
+    closed = closed_probability(head, X[mrows])
+    win = win_probability(head, models[strong], models[weak], ability[:, ms] - ability[:, mw], closed)
     lengths = np.array([len(data.prompts[r]) for r in mrows], np.float64)
     # Three ways to rank prompts for the strong model: the quality floor (serving's rule:
     # weak quality lowest first), the expected gain P(strong ok) - P(weak ok), and the
@@ -200,16 +276,42 @@ def heldout_metrics(
         }
     ability, _ = head.logits(X, tokens)
     by_pair = pairwise_by_pair(data, ability, test_rows)
-    diff, outcome = (np.concatenate(parts) for parts in zip(*by_pair.values(), strict=True))
-    served = np.concatenate([win_probability(head, a, b, d) for (a, b), (d, _) in by_pair.items()])
+    diff, outcome, _ = (np.concatenate(parts) for parts in zip(*by_pair.values(), strict=True))
+    closed = closed_probability(head, X)
+
+    def served(pairs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+        return np.concatenate([
+            win_probability(head, a, b, d, None if closed is None else closed[r]) for (a, b), (d, _, r) in pairs.items()
+        ])
+
     metrics["win_probability"] = {
         "temperature": head.win_temperature_,
         "fitted_pairs": len(head.win_pairs_),
-        "ece": E.expected_calibration_error(served, outcome),
+        "ece": E.expected_calibration_error(served(by_pair), outcome),
         "ece_one_temperature": E.expected_calibration_error(sigmoid(diff / head.win_temperature_), outcome),
         "ece_plain_bradley_terry": E.expected_calibration_error(sigmoid(diff), outcome),
         "pairs": int(len(diff)),
     }
+    # the judged pairs with the reference (what a gateway's frontier tier against a cheaper one is
+    # on open-ended requests): the served figure, with and without the gate
+    judged = pairwise_by_pair(data, ability, test_rows, against_reference=True)
+    if judged:
+        j_outcome = np.concatenate([o for _, o, _ in judged.values()])
+        no_gate = np.concatenate([win_probability(head, a, b, d) for (a, b), (d, _, _) in judged.items()])
+        metrics["win_probability"]["against_reference"] = {
+            "ece": E.expected_calibration_error(served(judged), j_outcome),
+            "ece_without_gate": E.expected_calibration_error(no_gate, j_outcome),
+            "fitted_pairs": len(getattr(head, "open_win_pairs_", [])),
+            "pairs": int(len(j_outcome)),
+        }
+    if (gate := getattr(head, "gate_", None)) is not None and closed is not None:
+        kind = prompt_kinds(data)[test_rows]
+        metrics["gate"] = {
+            "auc": E.auc(closed[test_rows], kind),
+            "mean_closed_prompts": float(closed[test_rows][kind == 1].mean()) if kind.any() else None,
+            "mean_open_prompts": float(closed[test_rows][kind == 0].mean()) if (kind == 0).any() else None,
+            "fitted_on": {"closed": gate.closed_prompts, "open": gate.open_prompts},
+        }
     if "mmlu" in data.datasets:
         metrics["mmlu_routing"] = mmlu_routing_figures(data, head, X, test_rows, tokens)
     return metrics
@@ -220,7 +322,8 @@ PATH_FIELDS = ("data_dir", "encoder_dir", "cascade_encoder_dir", "models_dir")
 # 2: win temperature fitted on the training prompts. 3: prompt-length features at the head's input.
 # 4: a ReLU layer in front of the head; per-pair win calibration. 5: lexical features (router.lexical).
 # 6: prompts embedded one per encoder run (training.embed.Embedder), not in batches.
-ALGORITHM = 6
+# 7: a closed-form/open-ended gate and the open-ended win calibration beside the head.
+ALGORITHM = 7
 
 
 def portable_config(cfg: FitConfig) -> dict[str, Any]:
@@ -312,6 +415,8 @@ def write_stage(
             "parity_max_abs_diff": parity,
             "win_temperature": head.win_temperature_,
             "win_pairs": [p.model_dump() for p in head.win_pairs_],
+            **({"gate": gate.model_dump(), "open_win_pairs": [p.model_dump() for p in head.open_win_pairs_]}
+               if (gate := getattr(head, "gate_", None)) is not None else {}),
             **({"lexicon": lexicon} if lexicon else {}),
         },
     }

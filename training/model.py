@@ -23,7 +23,9 @@ data compare a model's answer with something else, so each data set adds its ter
 d(x) = x . w_d + b_d is the prompt's difficulty bar, s_ref the reference model's own
 ability (gpt-4-1106-preview, also MMLU's strong model, which ties the files together)
 and c_data a per-file judge offset. Serving reads quality = sigmoid(s_m - d) and
-win probability = sigmoid(s_t - s_cheapest) (router.scoring). Fitted on judged-vs-reference
+win probability = sigmoid(s_t - s_cheapest), calibrated per pair, and for a head with a
+closed-form/open-ended gate mixed from two calibrations by it (router.scoring.win_rate;
+training.fit.calibrate_win fits both and the gate). Fitted on judged-vs-reference
 terms alone (no correctness data set), s_ref is held at 0 and d(x) at 0, so that quality reads
 P(beats the reference): otherwise absolute abilities are not identified (see `fit`).
 Because the final map is linear, the trained head collapses to one matrix (over x') for export,
@@ -295,6 +297,8 @@ class WinRateHead:
         self.n_models_ = n_models
         self.win_temperature_ = 1.0  # plain Bradley-Terry until training.fit calibrates it
         self.win_pairs_: list[Any] = []  # router.artifacts.WinPair, fitted by training.fit too
+        self.gate_: Any = None  # router.artifacts.GateSpec and the open-ended pairs: training.fit too
+        self.open_win_pairs_: list[Any] = []
         return self
 
     def _standardization(self, X: F32, rows: npt.NDArray[np.int64]) -> tuple[F64, F64]:

@@ -181,6 +181,8 @@ class OnnxHead(WinRateHead):
         self.columns_ = [model.models.index(m) for m in models]  # ValueError: a model live does not know
         self.win_temperature_ = model.manifest.head.win_temperature
         self.win_pairs_ = list(model.manifest.head.win_pairs)
+        self.gate_ = model.manifest.head.gate
+        self.open_win_pairs_ = list(model.manifest.head.open_win_pairs)
         offsets = (model.manifest.head.model_extra or {}).get("judge_offsets", {})
         self.offset_ = np.array([offsets.get(d, 0.0) for d in datasets], np.float32)
 

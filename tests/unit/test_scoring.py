@@ -111,3 +111,31 @@ def test_pair_calibration_reads_either_orientation_and_falls_back_to_the_tempera
     # consistency: P(mid beats small) computed from the stored (small, mid) pair is its complement
     s2, b2 = pair_calibration(["mid", "small"], pairs, temperature=4.0)
     assert float(sigmoid(np.array(s2[1] * (1.0 - 2.0) + b2[1]))) == pytest.approx(1 - win[0, 1])
+
+
+def test_open_ended_win_mixes_two_calibrations_by_the_gate():
+    from types import SimpleNamespace
+
+    from router.scoring import closed_form, open_pair_calibration
+
+    closed_pairs = [SimpleNamespace(first="cheap", second="dear", scale=0.5, bias=0.0),
+                    SimpleNamespace(first="cheap", second="mid", scale=1.0, bias=0.1)]
+    open_pairs = [SimpleNamespace(first="dear", second="cheap", scale=2.0, bias=1.0)]  # stored the other way round
+    models = ["cheap", "mid", "dear"]
+    closed_cal = pair_calibration(models, closed_pairs, temperature=1.0)
+    open_cal = open_pair_calibration(models, closed_pairs, open_pairs, temperature=1.0)
+    # a pair judged open-ended takes its open calibration there; the others keep the closed one
+    assert open_cal[0] == pytest.approx([1.0, 1.0, 2.0]) and open_cal[1] == pytest.approx([0.0, -0.1, 1.0])
+    ability = np.array([[0.0, 0.5, 1.0]] * 3, np.float32)
+    gate = np.array([1.0, 0.0, 0.25], np.float32)
+    win = win_rate(ability, *closed_cal, open_cal, gate)
+    only_closed, only_open = win_rate(ability, *closed_cal), win_rate(ability, *open_cal)
+    np.testing.assert_allclose(win[0], only_closed[0], rtol=1e-6)  # surely closed-form: as before
+    np.testing.assert_allclose(win[1], only_open[1], rtol=1e-6)  # surely open-ended: the judged calibration
+    np.testing.assert_allclose(win[2], 0.25 * only_closed[2] + 0.75 * only_open[2], rtol=1e-6)
+    assert (win[:, 0] == 0.5).all()
+    assert win[1, 2] == pytest.approx(float(sigmoid(np.array(2.0 * 1.0 + 1.0))))
+    # the gate is a logistic regression on the embedding
+    emb = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    np.testing.assert_allclose(closed_form(emb, np.array([2.0, -1.0], np.float32), 0.5),
+                               sigmoid(np.array([2.5, -0.5])), rtol=1e-6)
