@@ -65,6 +65,19 @@ def test_small_fit_writes_a_servable_self_describing_version(tmp_path, monkeypat
     cols = engine.columns(profile)
     want = float(sigmoid(np.array(0.5 * (ability[0, cols[1]] - ability[0, cols[0]]) + 0.2)))
     assert r2.win_probability[0] == 0.5 and r2.win_probability[1] == pytest.approx(want, abs=1e-5)
+    # both kinds of data set: a closed-form/open-ended gate on the embedding, counted per kind;
+    # with an open-ended pair it serves gate x closed + (1 - gate) x open (router.scoring.win_rate)
+    gate = manifest["head"]["gate"]
+    assert len(gate["weight"]) == 384 and gate["closed_prompts"] > 0 and gate["open_prompts"] > 0
+    assert 0.5 < manifest["metrics"]["gate"]["auc"] <= 1.0
+    opened = WinPair(first="mixtral-8x7b-instruct-v0.1", second="gpt-4-1106-preview", scale=2.0, bias=-1.0, n=500)
+    head_spec = head_spec.model_copy(update={"open_win_pairs": [opened]})
+    gated = RoutingEngine(dataclasses.replace(model, manifest=model.manifest.model_copy(update={"head": head_spec})))
+    (r3,) = gated.route_batch([RouteQuery("What is 2 + 2?", profile)])
+    closed = float(sigmoid(np.array(emb[0] @ np.array(gate["weight"], np.float32) + gate["bias"])))
+    diff = ability[0, cols[1]] - ability[0, cols[0]]
+    want_open = float(sigmoid(np.array(2.0 * diff + 1.0)))  # P(gpt-4 beats mixtral) from the stored (mixtral, gpt-4)
+    assert r3.win_probability[1] == pytest.approx(closed * want + (1 - closed) * want_open, abs=1e-5)
     # tracked: the run holds the config, the figures and the files; the version is registered
     from mlflow import MlflowClient
 
@@ -236,3 +249,44 @@ def test_a_bool_head_setting_is_read_as_true_or_false_on_the_command_line():
     with pytest.raises(argparse.ArgumentTypeError, match="true or false"):
         read("maybe")
     assert arg_type(HeadConfig, "hidden") is int
+
+
+def test_shipped_win_probability_speaks_the_terms_of_each_kind_of_request(loaded_model):
+    """On the held-out fold the shipped model never trained on: the gate tells MMLU questions
+    from AlpacaEval instructions, and P(frontier beats mid) on the instructions is about the rate
+    the judge preferred GPT-4 Turbo, where the closed-form calibration alone is far off."""
+    from router.profiles import load_profiles
+    from tests.conftest import REPO
+    from training import data as D
+
+    data = D.load(["mmlu", "alpaca_eval_binary"], require_data())
+    held = D.folds(data.prompts, 10) == 0
+    profile = load_profiles(REPO / "config" / "profiles.toml")["routellm-pair"].model_copy(
+        update={"cascade_margin": None})
+    engine = RoutingEngine(loaded_model)
+    kinds = data.row_dataset()
+    out = {}
+    for name in ("mmlu", "alpaca_eval_binary"):
+        rows, models, mat = data.outcome_matrix(name)
+        rows, mat = rows[held[rows]][:120], mat[held[rows]][:120]
+        assert (kinds[rows] == data.datasets.index(name)).all()
+        texts = [data.prompts[r] for r in rows]
+        results = engine.route_batch([RouteQuery(t, profile) for t in texts])
+        emb, _, _, lexical = engine.embed(texts)
+        gate = loaded_model.manifest.head.gate
+        closed = 1 / (1 + np.exp(-(emb @ np.array(gate.weight, np.float32) + gate.bias)))
+        win = np.array([r.win_probability[1] for r in results])
+        chars = np.array([len(t) for t in texts], np.float32)
+        ability, _ = engine.score(emb, chars, lexical=lexical)
+        cols = engine.columns(profile)
+        closed_only = engine.win_params(profile).closed
+        diff = ability[:, cols[1]] - ability[:, cols[0]]
+        no_gate = 1 / (1 + np.exp(-(closed_only[0][1] * diff + closed_only[1][1])))
+        weak = mat[:, models.index("mixtral-8x7b-instruct-v0.1")]
+        strong = mat[:, models.index("gpt-4-1106-preview")] if name == "mmlu" else np.full(len(rows), 0.5)
+        beaten = np.where(strong > weak, 1.0, np.where(strong < weak, 0.0, 0.5))
+        out[name] = (closed.mean(), win.mean(), no_gate.mean(), beaten.mean())
+    (g_m, win_m, _, seen_m), (g_a, win_a, no_gate_a, seen_a) = out["mmlu"], out["alpaca_eval_binary"]
+    assert g_m > 0.9 and g_a < 0.15
+    assert abs(win_m - seen_m) < 0.05  # MMLU: unchanged in kind, ties count one half
+    assert abs(win_a - seen_a) < 0.08 and abs(no_gate_a - seen_a) > 0.15
