@@ -43,6 +43,8 @@ class WinParams:
         if self.gate is None or self.open is None:
             return win_rate(ability, *self.closed)
         return win_rate(ability, *self.closed, self.open, closed_form(embedding, *self.gate))
+
+
 Lexical = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]  # router.lexical.Lexicon.features
 PAD_RATIO = 1.3  # longest / shortest prompt in one encoder run
 

@@ -128,7 +128,11 @@ def out_of_group(
         head = cfg.make_head()
         train = train_mask(cfg, data, terms, groups, g)
         head.fit(X, terms.subset(train), tokens)
-        calibrate_win(data, head, X, np.unique(terms.row[train]), tokens)
+
+        def refit(held: npt.NDArray[np.int64], train: npt.NDArray[np.bool_] = train) -> WinRateHead:
+            return cfg.make_head().fit(X, terms.subset(train & ~np.isin(terms.row, held)), tokens)
+
+        calibrate_win(data, head, X, np.unique(terms.row[train]), tokens, refit)
         rows = np.nonzero(groups == g)[0]
         pred.heads[g] = head
         pred.ability[rows], pred.difficulty[rows] = head.logits(X[rows], tokens.take(rows))

@@ -132,15 +132,16 @@ def load(datasets: list[str], data_dir: Path = DATA_DIR, limit: int | None = Non
     )
 
 
-def prompt_fold(prompt: str, k: int) -> int:
+def prompt_fold(prompt: str, k: int, salt: str = "") -> int:
     """Fold of a prompt, fixed by a hash of its normalized text: copies of one question
-    (even with different whitespace or case) always land in the same fold."""
-    norm = " ".join(prompt.lower().split())
+    (even with different whitespace or case) always land in the same fold. A `salt` gives a
+    split independent of the unsalted one (folds inside a training split)."""
+    norm = salt + " ".join(prompt.lower().split())
     return int.from_bytes(hashlib.sha256(norm.encode("utf-8")).digest()[:8], "big") % k
 
 
-def folds(prompts: list[str], k: int) -> npt.NDArray[np.int64]:
-    return np.array([prompt_fold(p, k) for p in prompts], np.int64)
+def folds(prompts: list[str], k: int, salt: str = "") -> npt.NDArray[np.int64]:
+    return np.array([prompt_fold(p, k, salt) for p in prompts], np.int64)
 
 
 def data_hash(files: list[dict[str, object]]) -> str:

@@ -126,15 +126,42 @@ def fit_win_temperature(data: D.RoutingData, ability: np.ndarray, rows: np.ndarr
 MIN_PAIR_OUTCOMES = 300  # fewer shared outcomes than this: the pair uses the pooled temperature
 
 
+Refit = typing.Callable[[np.ndarray], WinRateHead]  # a head like the calibrated one, fitted without these rows
+OPEN_CALIBRATION_FOLDS = 2  # inner folds whose heads score the judged prompts for their calibration
+
+
 def calibrate_win(
-    data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None = None
+    data: D.RoutingData, head: WinRateHead, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None = None,
+    refit: Refit | None = None,
 ) -> None:
-    """Set the head's pooled win temperature and its per-pair calibration from `rows`."""
+    """Set the head's pooled win temperature and its per-pair calibration from `rows`, and with
+    both kinds of data set its gate and open-ended calibration. With `refit`, that calibration is
+    fitted on scores the judged prompts get from heads that did not train on them (crossfit_ability):
+    on a few hundred judged prompts the head's own training scores are sharper than on new ones."""
     ability, _ = head.logits(X, tokens)  # once for all
     head.win_temperature_ = fit_win_temperature(data, ability, rows)
     head.win_pairs_ = fit_win_pairs(data, ability, rows)
     head.gate_ = fit_gate(data, X, rows)
-    head.open_win_pairs_ = fit_win_pairs(data, ability, rows, judged=True) if head.gate_ is not None else []
+    head.open_win_pairs_ = []
+    if head.gate_ is not None:
+        scores = ability if refit is None else crossfit_ability(data, X, rows, tokens, refit)
+        head.open_win_pairs_ = fit_win_pairs(data, scores, rows, judged=True)
+
+
+def crossfit_ability(
+    data: D.RoutingData, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None, refit: Refit
+) -> np.ndarray:
+    """(N, M) abilities in which each judged prompt among `rows` is scored by a head fitted
+    without its inner fold (OPEN_CALIBRATION_FOLDS, split by a salted prompt hash, so the
+    outer folds' copies of a prompt stay together); other rows are left at 0."""
+    judged = rows[prompt_kinds(data)[rows] == 0]
+    inner = D.folds([data.prompts[r] for r in judged], OPEN_CALIBRATION_FOLDS, salt="open-calibration")
+    out = np.zeros((len(X), len(data.models)), np.float32)
+    for f in range(OPEN_CALIBRATION_FOLDS):
+        held = judged[inner == f]
+        if len(held):
+            out[held] = refit(held).logits(X[held], None if tokens is None else tokens.take(held))[0]
+    return out
 
 
 def fit_win_pairs(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray, *, judged: bool = False) -> list[WinPair]:
@@ -323,7 +350,8 @@ PATH_FIELDS = ("data_dir", "encoder_dir", "cascade_encoder_dir", "models_dir")
 # 4: a ReLU layer in front of the head; per-pair win calibration. 5: lexical features (router.lexical).
 # 6: prompts embedded one per encoder run (training.embed.Embedder), not in batches.
 # 7: a closed-form/open-ended gate and the open-ended win calibration beside the head.
-ALGORITHM = 7
+# 8: that calibration fitted on scores from heads that did not train on the judged prompts.
+ALGORITHM = 8
 
 
 def portable_config(cfg: FitConfig) -> dict[str, Any]:
@@ -547,7 +575,11 @@ def train_head(
         tokens = tokens.append(extra[2])
     head = cfg.make_head()
     head.fit(X, terms, tokens)
-    calibrate_win(prep.data, head, prep.X, np.nonzero(prep.fold != cfg.holdout_fold)[0], prep.tokens)
+
+    def refit(held: np.ndarray) -> WinRateHead:
+        return cfg.make_head().fit(X, terms.subset(~np.isin(terms.row, held)), tokens)
+
+    calibrate_win(prep.data, head, prep.X, np.nonzero(prep.fold != cfg.holdout_fold)[0], prep.tokens, refit)
     return head
 
 
