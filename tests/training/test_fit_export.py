@@ -285,8 +285,10 @@ def test_shipped_win_probability_speaks_the_terms_of_each_kind_of_request(loaded
         weak = mat[:, models.index("mixtral-8x7b-instruct-v0.1")]
         strong = mat[:, models.index("gpt-4-1106-preview")] if name == "mmlu" else np.full(len(rows), 0.5)
         beaten = np.where(strong > weak, 1.0, np.where(strong < weak, 0.0, 0.5))
-        out[name] = (closed.mean(), win.mean(), no_gate.mean(), beaten.mean())
-    (g_m, win_m, _, seen_m), (g_a, win_a, no_gate_a, seen_a) = out["mmlu"], out["alpaca_eval_binary"]
+        out[name] = (closed.mean(), win.mean(), no_gate.mean(), beaten.mean(), beaten.std() / np.sqrt(len(rows)))
+    (g_m, win_m, _, seen_m, se_m), (g_a, win_a, no_gate_a, seen_a, se_a) = out["mmlu"], out["alpaca_eval_binary"]
     assert g_m > 0.9 and g_a < 0.15
-    assert abs(win_m - seen_m) < 0.05  # MMLU: unchanged in kind, ties count one half
-    assert abs(win_a - seen_a) < 0.08 and abs(no_gate_a - seen_a) > 0.15
+    # within sampling noise of the rate seen (3 standard errors: 0.09 on 120 MMLU prompts, 0.11 on
+    # 81 AlpacaEval ones); the closed-form calibration alone is further off than that on AlpacaEval
+    assert abs(win_m - seen_m) < 3 * se_m  # MMLU: unchanged in kind, ties count one half
+    assert abs(win_a - seen_a) < 3 * se_a < abs(no_gate_a - seen_a)
