@@ -34,6 +34,7 @@ from training.fit import (
     calibrate_win,
     closed_probability,
     head_inputs,
+    refitter,
     win_probability,
 )
 from training.model import HEAD_FIELDS, HeadConfig, Terms, WinRateHead
@@ -128,10 +129,7 @@ def out_of_group(
         head = cfg.make_head()
         train = train_mask(cfg, data, terms, groups, g)
         head.fit(X, terms.subset(train), tokens)
-
-        def refit(held: npt.NDArray[np.int64], train: npt.NDArray[np.bool_] = train) -> WinRateHead:
-            return cfg.make_head().fit(X, terms.subset(train & ~np.isin(terms.row, held)), tokens)
-
+        refit = refitter(cfg, X, terms.subset(train), tokens)
         calibrate_win(data, head, X, np.unique(terms.row[train]), tokens, refit)
         rows = np.nonzero(groups == g)[0]
         pred.heads[g] = head

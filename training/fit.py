@@ -152,8 +152,8 @@ def crossfit_ability(
     data: D.RoutingData, X: np.ndarray, rows: np.ndarray, tokens: Tokens | None, refit: Refit
 ) -> np.ndarray:
     """(N, M) abilities in which each judged prompt among `rows` is scored by a head fitted
-    without its inner fold (OPEN_CALIBRATION_FOLDS, split by a salted prompt hash, so the
-    outer folds' copies of a prompt stay together); other rows are left at 0."""
+    without its inner fold (OPEN_CALIBRATION_FOLDS, split by a salted prompt hash, so a prompt's
+    copies in both AlpacaEval files fall on one side); other rows are left at 0."""
     judged = rows[prompt_kinds(data)[rows] == 0]
     inner = D.folds([data.prompts[r] for r in judged], OPEN_CALIBRATION_FOLDS, salt="open-calibration")
     out = np.zeros((len(X), len(data.models)), np.float32)
@@ -162,6 +162,15 @@ def crossfit_ability(
         if len(held):
             out[held] = refit(held).logits(X[held], None if tokens is None else tokens.take(held))[0]
     return out
+
+
+def refitter(cfg: HeadConfig, X: np.ndarray, terms: Terms, tokens: Tokens | None) -> Refit:
+    """crossfit_ability's `refit`: a head of `cfg` on `terms` without the given prompt rows."""
+
+    def refit(held: np.ndarray) -> WinRateHead:
+        return cfg.make_head().fit(X, terms.subset(~np.isin(terms.row, held)), tokens)
+
+    return refit
 
 
 def fit_win_pairs(data: D.RoutingData, ability: np.ndarray, rows: np.ndarray, *, judged: bool = False) -> list[WinPair]:
@@ -575,10 +584,7 @@ def train_head(
         tokens = tokens.append(extra[2])
     head = cfg.make_head()
     head.fit(X, terms, tokens)
-
-    def refit(held: np.ndarray) -> WinRateHead:
-        return cfg.make_head().fit(X, terms.subset(~np.isin(terms.row, held)), tokens)
-
+    refit = refitter(cfg, X, terms, tokens)
     calibrate_win(prep.data, head, prep.X, np.nonzero(prep.fold != cfg.holdout_fold)[0], prep.tokens, refit)
     return head
 
