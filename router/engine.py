@@ -21,29 +21,10 @@ import onnxruntime as ort
 from router.artifacts import ArtifactError, LoadedModel, Stage
 from router.policy import Choice, Decided, RequestContext, decide, settled_within
 from router.profiles import Profile
-from router.scoring import closed_form, open_pair_calibration, pair_calibration, tier_quality, win_rate
+from router.scoring import WinCalibration, tier_quality
 from router.tokenizer import Keep
 
 log = logging.getLogger(__name__)
-
-F32 = npt.NDArray[np.float32]
-
-
-@dataclass(frozen=True, slots=True)
-class WinParams:
-    """A stage's win calibration for one profile's tiers (router.scoring.win_rate): per tier
-    (scale, bias) against the cheapest tier; with a gate, also the open-ended calibration and the
-    gate's (weight, bias)."""
-
-    closed: tuple[F32, F32]
-    open: tuple[F32, F32] | None = None
-    gate: tuple[F32, float] | None = None
-
-    def win(self, ability: F32, embedding: F32) -> F32:
-        if self.gate is None or self.open is None:
-            return win_rate(ability, *self.closed)
-        return win_rate(ability, *self.closed, self.open, closed_form(embedding, *self.gate))
-
 
 Lexical = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]  # router.lexical.Lexicon.features
 PAD_RATIO = 1.3  # longest / shortest prompt in one encoder run
@@ -106,7 +87,7 @@ class RoutingEngine:
         self.main = model.main_stage
         self.first = model.first_stage
         self._rng = np.random.default_rng()  # exploration draws (profiles with exploration_rate > 0)
-        self._win_params: dict[tuple[int, tuple[str, ...]], WinParams] = {}
+        self._win_params: dict[tuple[int, tuple[str, ...]], WinCalibration] = {}
         self._warned: set[str] = set()
 
     @property
@@ -123,21 +104,15 @@ class RoutingEngine:
 
     def win_params(
         self, profile: Profile, stage: Stage | None = None
-    ) -> WinParams:
+    ) -> WinCalibration:
         """Per-tier (scale, bias) of the win probability against the profile's cheapest tier."""
         stage = stage or self.main
         key = (0 if stage is self.main else 1, tuple(profile.models))
         if key not in self._win_params:
             head = stage.head_spec
-            closed = pair_calibration(key[1], head.win_pairs, head.win_temperature)
-            params = WinParams(closed)
-            if head.gate is not None:
-                params = WinParams(
-                    closed,
-                    open_pair_calibration(key[1], head.win_pairs, head.open_win_pairs, head.win_temperature),
-                    (np.asarray(head.gate.weight, np.float32), float(head.gate.bias)),
-                )
-            self._win_params[key] = params
+            self._win_params[key] = WinCalibration.of(
+                key[1], head.win_pairs, head.open_win_pairs, head.win_temperature, head.gate
+            )
         return self._win_params[key]
 
     def embed(
@@ -280,7 +255,8 @@ class RoutingEngine:
                         continue
             if decided is None:
                 decided = decide(profile, quality, tokens, texts, contexts, pinned, self._rng)
-            win = self.win_params(profile, stage).win(sub_ability, embedding[rows])
+            calibration = self.win_params(profile, stage)
+            win = calibration.win(sub_ability, calibration.closed_share(embedding[rows]))
             for j, row in enumerate(rows):
                 results[idx[row]] = RouteResult(
                     choice=decided.choices[j],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -107,6 +108,53 @@ def open_pair_calibration(
     merged = {frozenset((p.first, p.second)): p for p in pairs}
     merged |= {frozenset((p.first, p.second)): p for p in open_pairs}
     return pair_calibration(models, list(merged.values()), temperature)
+
+
+class GateLike(Protocol):
+    @property
+    def weight(self) -> Sequence[float]: ...
+
+    @property
+    def bias(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WinCalibration:
+    """One head's win calibration for an ordered list of models (tiers, cheap to expensive):
+    per model (scale, bias) against the first; with a gate, also the open-ended calibration and
+    the gate's (weight, bias). What both the server and training's figures serve (win_rate)."""
+
+    closed: tuple[FloatArray, FloatArray]
+    open: tuple[FloatArray, FloatArray] | None = None
+    gate: tuple[FloatArray, float] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        models: Sequence[str],
+        pairs: Sequence[WinPairLike],
+        open_pairs: Sequence[WinPairLike],
+        temperature: float,
+        gate: GateLike | None = None,
+    ) -> WinCalibration:
+        closed = pair_calibration(models, pairs, temperature)
+        if gate is None:
+            return cls(closed)
+        return cls(
+            closed,
+            open_pair_calibration(models, pairs, open_pairs, temperature),
+            (np.asarray(gate.weight, np.float32), float(gate.bias)),
+        )
+
+    def closed_share(self, embedding: FloatArray) -> FloatArray | None:
+        """Each row's P(closed-form) from its embedding (B, dim); None without a gate."""
+        return None if self.gate is None else closed_form(embedding, *self.gate)
+
+    def win(self, ability: FloatArray, closed: FloatArray | None = None) -> FloatArray:
+        """win_rate over `ability` (B, models); `closed` (closed_share) mixes in the open-ended calibration."""
+        if self.open is None or closed is None:
+            return win_rate(ability, *self.closed)
+        return win_rate(ability, *self.closed, self.open, closed)
 
 
 def fit_platt(diff: npt.ArrayLike, outcome: npt.ArrayLike, ridge: float = 1e-3) -> tuple[float, float]:

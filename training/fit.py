@@ -19,14 +19,12 @@ from router.artifacts import DEFAULT_POINTER, MANIFEST, MANIFEST_FORMAT, GateSpe
 from router.lexical import Tokens
 from router.scoring import (
     LENGTH_FEATURES,
+    WinCalibration,
     closed_form,
     fit_platt,
     fit_temperature,
     length_features,
-    open_pair_calibration,
-    pair_calibration,
     sigmoid,
-    win_rate,
 )
 from training import data as D
 from training import evaluate as E
@@ -227,14 +225,11 @@ def win_probability(
 ) -> np.ndarray:
     """What the server answers for P(first beats second) given s_first - s_second, and for a
     head with a gate, each row's P(closed-form) (closed_probability)."""
-    models = [second, first]
-    scale, bias = pair_calibration(models, head.win_pairs_, head.win_temperature_)
+    calibration = WinCalibration.of(
+        [second, first], head.win_pairs_, head.open_win_pairs_, head.win_temperature_, head.gate_
+    )
     ability = np.stack([np.zeros_like(diff), diff], axis=1).astype(np.float32)
-    gate = getattr(head, "gate_", None)
-    if gate is None or closed is None:
-        return win_rate(ability, scale, bias)[:, 1]
-    open_cal = open_pair_calibration(models, head.win_pairs_, head.open_win_pairs_, head.win_temperature_)
-    return win_rate(ability, scale, bias, open_cal, closed)[:, 1]
+    return calibration.win(ability, closed)[:, 1]
 
 
 def mmlu_routing_figures(
